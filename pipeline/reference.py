@@ -1,0 +1,29 @@
+"""The single-process sampling loop: the definition of a correct output for each KV policy.
+
+It holds every logical cache of the policy (``per_step``: S caches; ``broadcast``: one; ``unsynced``: one per
+DiT rank) and runs the steps in order. A distributed run of the same policy must equal it bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import torch
+
+import kv_sync
+
+from .components import Components
+from .config import GenerationConfig
+
+
+def reference_blocks(cfg: GenerationConfig, comps: Components) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(block, final latent [C, F, h, w])`` in order; endless if ``cfg.num_blocks == 0``."""
+    n, steps = cfg.num_gpus_dit, cfg.sample_steps
+    caches = comps.new_caches(kv_sync.logical_caches(cfg.kv_sync, steps, n), cfg.kv_cache_blocks)
+    blocks = itertools.count() if cfg.endless else range(cfg.num_blocks)
+    for b in blocks:
+        x = comps.noise(b)
+        for i in range(steps):
+            x = comps.denoise_step(caches[kv_sync.cache_key(cfg.kv_sync, i, n)], b, i, x)
+        yield b, x

@@ -1,0 +1,210 @@
+"""Executes one rank's action list (``pipeline.schedule``) with torch.distributed.
+
+DiT ranks run ``compute``/``send``/``recv``/``sync`` exactly in list order; the VAE rank receives finished
+blocks on a thread and decodes them on the main thread (so a Ctrl-C is handled promptly there and the mp4 is
+finalised). Every blocking wait is bounded by ``--comm_timeout`` and names what it waited for.
+"""
+
+from __future__ import annotations
+
+import queue
+import resource
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import kv_sync
+
+from .components import Components
+from .config import GenerationConfig
+from .schedule import Action, Schedule
+
+
+class CommTimeout(RuntimeError):
+    pass
+
+
+@dataclass
+class RankStats:
+    rank: int
+    role: str
+    busy_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    bytes_latent: int = 0
+    bytes_kv: int = 0
+    # (kind, block, step, peer, start, end) relative to the post-setup barrier; capped for endless streams
+    timeline: list = field(default_factory=list)
+    timeline_cap: int = 200_000
+
+    def record(self, a: Action, start: float, end: float, t0: float) -> None:
+        if len(self.timeline) < self.timeline_cap:
+            self.timeline.append((a.kind, a.block, a.step, a.peer, start - t0, end - t0))
+
+    def summary(self) -> dict:
+        return {
+            "rank": self.rank,
+            "role": self.role,
+            "busy_seconds": self.busy_seconds,
+            "wait_seconds": self.wait_seconds,
+            "bytes_sent": {"latent": self.bytes_latent, "kv": self.bytes_kv},
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Comm:
+    """Point-to-point latents with bounded waits. A message to oneself (N = 1) is handed over locally."""
+
+    def __init__(self, rank: int, timeout: float, stats: RankStats):
+        self.rank, self.timeout, self.stats = rank, timeout, stats
+        self._local: dict[tuple[int, int], torch.Tensor] = {}
+        self._sends: deque = deque()
+
+    def post_recv(self, a: Action, shape, device, dtype) -> tuple:
+        if a.peer == self.rank:
+            return (a, None, None)
+        buf = torch.empty(shape, device=device, dtype=dtype)
+        return (a, buf, dist.irecv(buf, src=a.peer))
+
+    def wait_recv(self, pending: tuple, waiting_for: str) -> torch.Tensor:
+        a, buf, work = pending
+        if work is None:
+            return self._local.pop((a.block, a.step))
+        self._wait(work, f"the latent of block {a.block} after step {a.step} from rank {a.peer} ({waiting_for})")
+        return buf
+
+    def isend(self, a: Action, tensor: torch.Tensor) -> None:
+        if a.peer == self.rank:
+            self._local[(a.block, a.step)] = tensor
+            return
+        tensor = tensor.contiguous()
+        self._sends.append((a, tensor, dist.isend(tensor, dst=a.peer)))
+        self.stats.bytes_latent += _nbytes(tensor)
+        # Reap old sends (they are from earlier in the list, so their receivers have posted by now).
+        while len(self._sends) > 8:
+            self._reap()
+
+    def flush(self) -> None:
+        while self._sends:
+            self._reap()
+
+    def _reap(self) -> None:
+        a, _, work = self._sends.popleft()
+        self._wait(work, f"rank {a.peer} to take the latent of block {a.block} after step {a.step}")
+
+    def _wait(self, work, what: str) -> None:
+        start = time.perf_counter()
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as e:
+            if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+                raise CommTimeout(f"rank {self.rank} waited {self.timeout:g}s for {what}") from None
+            raise
+        finally:
+            self.stats.wait_seconds += time.perf_counter() - start
+
+
+def run_dit_rank(
+    rank: int, cfg: GenerationConfig, comps: Components, schedule: Schedule, kv_group, stats: RankStats, t0: float
+) -> None:
+    """Follow ``schedule.actions(rank)``. ``t0`` is the post-setup barrier time (for the timeline)."""
+    n, steps = cfg.num_gpus_dit, cfg.sample_steps
+    keys = kv_sync.caches_on_rank(cfg.kv_sync, rank, steps, n)
+    caches = comps.new_caches(keys, cfg.kv_cache_blocks) if keys else {}
+    comm = Comm(rank, cfg.comm_timeout, stats)
+    kv_buffer = next(iter(caches.values())).block_view(0).contiguous() if caches and schedule.sync_group else None
+    _barrier(cfg)
+    t0 = time.perf_counter()
+    recvs: dict[tuple[int, int], tuple] = {}
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
+    for a in schedule.actions(rank):
+        start = time.perf_counter()
+        if a.kind == "recv":
+            recvs[(a.block, a.step)] = comm.post_recv(a, comps.block_shape, comps.device, comps.dit.dtype)
+        elif a.kind == "compute":
+            if a.step == 0:
+                x = comps.noise(a.block)
+            else:
+                x = comm.wait_recv(recvs.pop((a.block, a.step - 1)), f"to run step {a.step}")
+            begin = time.perf_counter()
+            x = comps.denoise_step(caches[kv_sync.cache_key(cfg.kv_sync, a.step, n)], a.block, a.step, x)
+            stats.busy_seconds += time.perf_counter() - begin
+            outputs[(a.block, a.step)] = x
+        elif a.kind == "send":
+            comm.isend(a, outputs.pop((a.block, a.step)))
+        elif a.kind == "sync":
+            cache = caches[kv_sync.cache_key(cfg.kv_sync, a.step, n)]
+            begin = time.perf_counter()
+            try:
+                stats.bytes_kv += kv_sync.broadcast_block(cache, a.block, a.peer, kv_group, kv_buffer, cfg.comm_timeout)
+            except (TimeoutError, RuntimeError) as e:
+                raise CommTimeout(
+                    f"rank {rank} waited {cfg.comm_timeout:g}s for the KV broadcast of block {a.block} step "
+                    f"{a.step} from rank {a.peer}"
+                ) from e
+            stats.wait_seconds += time.perf_counter() - begin
+        else:
+            raise RuntimeError(f"DiT rank {rank} cannot run {a}")
+        stats.record(a, start, time.perf_counter(), t0)
+    comm.flush()
+
+
+def run_vae_rank(cfg: GenerationConfig, comps_shape, device, dtype, schedule: Schedule, stats: RankStats, output):
+    """Receive finished blocks (thread) and hand them to ``output`` in order (main thread). Returns the
+    generation seconds measured from the post-setup barrier until the last block is written."""
+    rank = schedule.vae_rank
+    comm = Comm(rank, cfg.comm_timeout, stats)
+    arrivals: queue.Queue = queue.Queue(maxsize=4)  # bounded: a slow decoder holds the ring back, not memory
+    _barrier(cfg)
+    t0 = time.perf_counter()
+
+    def receive():
+        try:
+            pending = {}
+            for a in schedule.actions(rank):
+                start = time.perf_counter()
+                if a.kind == "recv":
+                    pending[a.block] = comm.post_recv(a, comps_shape, device, dtype)
+                elif a.kind == "decode":
+                    latent = comm.wait_recv(pending.pop(a.block), "to decode it")
+                    stats.record(Action("recv", a.block, a.step, a.peer), start, time.perf_counter(), t0)
+                    arrivals.put((a.block, latent))
+        except BaseException as e:  # handed to the main thread, which reports it
+            arrivals.put(e)
+        else:
+            arrivals.put(None)
+
+    threading.Thread(target=receive, name="vae-recv", daemon=True).start()
+    while True:
+        try:
+            item = arrivals.get(timeout=0.25)  # a timed get keeps Ctrl-C responsive
+        except queue.Empty:
+            continue
+        if item is None:
+            break
+        if isinstance(item, BaseException):
+            raise item
+        block, latent = item
+        start = time.perf_counter()
+        output.add(block, latent)
+        end = time.perf_counter()
+        stats.busy_seconds += end - start
+        stats.record(Action("decode", block, cfg.sample_steps - 1), start, end, t0)
+    return time.perf_counter() - t0
+
+
+def _barrier(cfg: GenerationConfig) -> None:
+    """All ranks finished setup (models built, caches prefilled) before the clock starts."""
+    work = dist.barrier(async_op=True)
+    try:
+        work.wait(timeout=timedelta(seconds=cfg.comm_timeout))
+    except RuntimeError as e:
+        raise CommTimeout(f"rank {dist.get_rank()} waited {cfg.comm_timeout:g}s for the others to finish setup") from e
