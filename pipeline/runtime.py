@@ -113,9 +113,10 @@ class Comm:
 
 
 def run_dit_rank(
-    rank: int, cfg: GenerationConfig, comps: Components, schedule: Schedule, kv_group, stats: RankStats, t0: float
+    rank: int, cfg: GenerationConfig, comps: Components, schedule: Schedule, kv_group, stats: RankStats
 ) -> None:
-    """Follow ``schedule.actions(rank)``. ``t0`` is the post-setup barrier time (for the timeline)."""
+    """Build and prefill this rank's caches, wait for every rank to be ready, then follow
+    ``schedule.actions(rank)``."""
     n, steps = cfg.num_gpus_dit, cfg.sample_steps
     keys = kv_sync.caches_on_rank(cfg.kv_sync, rank, steps, n)
     caches = comps.new_caches(keys, cfg.kv_cache_blocks) if keys else {}

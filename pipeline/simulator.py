@@ -32,6 +32,7 @@ class SimResult:
     timeline: list[tuple[int, Action, float, float]] = field(default_factory=list)
     error: str | None = None
     block_done: dict[int, float] = field(default_factory=dict)
+    seq: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -48,7 +49,11 @@ def simulate(
     policy: str,
     cost: CostModel | None = None,
     sync_group: list[int] | None = None,
+    rendezvous: bool = False,
 ) -> SimResult:
+    """Run ``lists`` (rank -> actions). ``rendezvous=True`` is the strictest transport: every send and receive
+    post blocks its rank until the peer reaches the matching operation, as when all of a rank's point-to-point
+    operations share one NCCL stream. Lists that pass in that mode pass with any buffering."""
     cost = cost or CostModel()
     S = num_steps
     keys = [kv_sync.cache_key(policy, i, num_dit) for i in range(S)]
@@ -61,6 +66,9 @@ def simulate(
     arrived: dict[int, dict[tuple[int, int], float]] = defaultdict(dict)  # rank -> message -> arrival time
     has_kv: dict[int, set] = defaultdict(set)  # rank -> {(block, step)} whose cache writes it holds
     group = sorted(sync_group or [])
+    sends_issued: dict[tuple[int, int], int] = defaultdict(int)  # channel -> sends so far
+    recvs_posted: dict[tuple[int, int], int] = defaultdict(int)  # channel -> receive posts so far
+    registered: dict[int, int] = {}  # rank -> position whose p2p op is registered but not yet released
 
     def match(src, dst):
         # Messages on one channel pair up in order (NCCL semantics): the k-th send with the k-th posted receive.
@@ -76,12 +84,24 @@ def simulate(
     def step_one(r) -> bool:
         a = lists[r][pos[r]]
         now = clock[r]
-        if a.kind == "recv":
-            posted[(a.peer, r)].append((a.block, a.step))
-            match(a.peer, r)
-        elif a.kind == "send":
-            sent[(r, a.peer)].append((a.block, a.step, now + cost.transfer))
-            match(r, a.peer)
+        if a.kind in ("recv", "send"):
+            chan = (a.peer, r) if a.kind == "recv" else (r, a.peer)
+            if registered.get(r) != pos[r]:
+                registered[r] = pos[r]
+                if a.kind == "recv":
+                    posted[chan].append((a.block, a.step))
+                    recvs_posted[chan] += 1
+                    mine = recvs_posted[chan]
+                else:
+                    sent[chan].append((a.block, a.step, now + cost.transfer))
+                    sends_issued[chan] += 1
+                    mine = sends_issued[chan]
+                match(*chan)
+                res.seq[(r, pos[r])] = mine
+            if rendezvous and a.peer != r:
+                partner = sends_issued[chan] if a.kind == "recv" else recvs_posted[chan]
+                if partner < res.seq[(r, pos[r])]:
+                    return False  # blocked until the peer reaches the matching operation
         elif a.kind in ("compute", "decode"):
             msg = (a.block, a.step - 1) if a.kind == "compute" else (a.block, a.step)
             start = now

@@ -27,14 +27,14 @@ from .kv_cache import KVCache
 # Tiny default: a CPU forward of one block takes tens of milliseconds. Real checkpoints load via --transformer_path.
 TINY_TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
+    num_attention_heads=4,
+    attention_head_dim=32,
     in_channels=4,
     out_channels=4,
     text_dim=32,
     freq_dim=32,
-    ffn_dim=64,
-    num_layers=2,
+    ffn_dim=512,
+    num_layers=6,
     cross_attn_norm=True,
     qk_norm="rms_norm_across_heads",
     rope_max_seq_len=1024,

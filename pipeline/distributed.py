@@ -1,0 +1,178 @@
+"""One distributed generation in the current torch.distributed world (the CLI calls it once; a test world can
+call it for a whole sweep of configurations, amortising process start-up)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .components import block_shape, load_components
+from .config import GenerationConfig
+from .output import BlockOutput
+from .runtime import CommTimeout, RankStats, run_dit_rank, run_vae_rank
+from .schedule import Schedule
+
+log = logging.getLogger("tpp")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM on the VAE rank, raised in its main thread."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def install_signal_handlers(is_vae: bool) -> None:
+    if is_vae:  # the VAE rank finalises the video on Ctrl-C / SIGTERM
+        signal.signal(signal.SIGINT, _raise_interrupted)
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+    else:  # DiT ranks hold nothing worth saving: die at once rather than after a blocking wait returns
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def pick_device(cfg: GenerationConfig) -> tuple[torch.device, str]:
+    """cuda + nccl (one GPU per LOCAL_RANK) when asked or available, else cpu + gloo."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if not want_cuda:
+        return torch.device("cpu"), "gloo"
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but CUDA is not available on this machine")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node: "
+            "NCCL needs one GPU per rank"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank), "nccl"
+
+
+def init_distributed(cfg: GenerationConfig) -> torch.device:
+    device, backend = pick_device(cfg)
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm_timeout), **kwargs)
+    return device
+
+
+def write_json_atomic(obj, path: str) -> None:
+    import json
+
+    tmp = path + ".part"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunResult:
+    exit_code: int = 0
+    partial: bool = False
+    stats: dict = field(default_factory=dict)
+    written: dict = field(default_factory=dict)
+    output: BlockOutput | None = None
+
+
+def build_stats(cfg: GenerationConfig, seconds: float, output: BlockOutput, ranks: list, partial: bool) -> dict:
+    import json
+
+    blocks = output.blocks
+    return {
+        "partial": partial,
+        "config": json.loads(cfg.to_json()),
+        "generation_seconds": seconds,
+        "blocks": blocks,
+        "blocks_per_second": blocks / seconds if seconds > 0 else 0.0,
+        "video_frames": output.video_frames,
+        "ranks": ranks,
+    }
+
+
+def generate_distributed(cfg: GenerationConfig, device: torch.device) -> RunResult:
+    """Run one generation. Every rank of the world calls this with the same ``cfg`` (world size N + 1).
+    The VAE rank's result carries the outputs and stats; DiT ranks return an empty result."""
+    rank, n = dist.get_rank(), cfg.num_gpus_dit
+    schedule = Schedule(n, cfg.sample_steps, None if cfg.endless else cfg.num_blocks, cfg.kv_sync,
+                        cfg.schedule, cfg.max_inflight or None)
+    kv_group = dist.new_group(schedule.sync_group) if schedule.sync_group else None  # every rank must call it
+    if rank == 0:
+        log.info(schedule.describe())
+    if rank < n:
+        stats = RankStats(rank, "dit")
+        comps = load_components(cfg, device)
+        try:
+            run_dit_rank(rank, cfg, comps, schedule, kv_group, stats)
+        except CommTimeout as e:
+            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+            return RunResult(exit_code=1, partial=True)
+        _gather(stats, n)
+        return RunResult()
+    return _vae_rank(cfg, device, schedule)
+
+
+def _vae_rank(cfg: GenerationConfig, device, schedule: Schedule) -> RunResult:
+    rank, n = schedule.vae_rank, cfg.num_gpus_dit
+    stats = RankStats(rank, "vae")
+    output = BlockOutput(cfg, device, keep_latents=cfg.save_latents is not None or cfg.verify)
+    result = RunResult(partial=True, output=output)
+    seconds = 0.0
+    try:
+        seconds = run_vae_rank(cfg, block_shape(cfg), device, torch.float32, schedule, stats, output)
+        result.partial = False
+    except Interrupted as e:
+        print(f"[rank {rank}] interrupted ({e}) after {output.blocks} blocks: finalising outputs",
+              file=sys.stderr, flush=True)
+        result.exit_code = e.exit_code
+    except CommTimeout as e:
+        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        result.exit_code = 1
+    except Exception as e:  # a peer died mid-stream: keep what has arrived
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"[rank {rank}] error: lost contact with a DiT rank after {output.blocks} blocks "
+              f"({type(e).__name__}: {first}); its own message says why", file=sys.stderr, flush=True)
+        result.exit_code = 1
+    result.written = output.finish(partial=result.partial)
+    summaries, timelines = [stats.summary()], {rank: stats.timeline}
+    if not result.partial:
+        gathered = _gather(stats, n)
+        summaries = [g["summary"] for g in gathered]
+        timelines = {g["summary"]["rank"]: g["timeline"] for g in gathered}
+    result.stats = build_stats(cfg, seconds, output, summaries, result.partial)
+    result.stats["timelines"] = timelines
+    if cfg.stats_json:
+        write_json_atomic({k: v for k, v in result.stats.items() if k != "timelines"}, cfg.stats_json)
+        result.written["stats_json"] = cfg.stats_json
+    if cfg.trace:
+        from .trace import write_chrome_trace, write_gantt_png
+
+        roles = {r: ("vae" if r == n else "dit") for r in timelines}
+        write_chrome_trace(timelines, cfg.trace, roles)
+        write_gantt_png(timelines, os.path.splitext(cfg.trace)[0] + ".png", schedule.describe(), roles)
+        result.written["trace"] = cfg.trace
+    for k, v in result.written.items():
+        log.info("wrote %s: %s%s", k, v, " (partial)" if result.partial else "")
+    if not result.partial:
+        log.info("%d blocks in %.2fs: %.2f blocks/s", output.blocks, seconds, output.blocks / max(seconds, 1e-9))
+    return result
+
+
+def _gather(stats: RankStats, vae_rank: int):
+    payload = {"summary": stats.summary(), "timeline": stats.timeline}
+    out = [None] * dist.get_world_size() if dist.get_rank() == vae_rank else None
+    dist.gather_object(payload, out, dst=vae_rank)
+    return out
+
+

@@ -1,0 +1,74 @@
+"""Launch real torchrun worlds from tests and compute single-process references."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.components import load_components  # noqa: E402
+from pipeline.config import GenerationConfig  # noqa: E402
+from pipeline.reference import reference_blocks  # noqa: E402
+
+
+def torchrun_cmd(nproc: int, script: str, *args: str, nnodes: int = 1, node_rank: int | None = None,
+                 rdzv: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes == 1:
+        cmd += ["--standalone"]
+    else:
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv}", "--rdzv-id=tpp-test"]
+        if node_rank is not None:
+            cmd += [f"--node-rank={node_rank}"]
+    cmd += [f"--nproc_per_node={nproc}", "--monitor-interval=0.2", str(ROOT / script), *args]
+    return cmd
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"
+    e["PYTHONUNBUFFERED"] = "1"
+    e.pop("TPP_FAULT", None)
+    return e
+
+
+def run_torchrun(nproc: int, script: str, *args: str, timeout: float = 600, extra_env: dict | None = None,
+                 **kw) -> subprocess.CompletedProcess:
+    e = env()
+    e.update(extra_env or {})
+    return subprocess.run(torchrun_cmd(nproc, script, *args, **kw), cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_world(nproc: int, configs: list[dict], out_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    path = out_dir / f"configs-{nproc}.json"
+    path.write_text(json.dumps(configs))
+    proc = run_torchrun(nproc, "tests/worlds/run_configs.py", str(path), str(out_dir), timeout=timeout)
+    assert proc.returncode == 0, f"world of {nproc} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(key: str) -> torch.Tensor:
+    cfg = GenerationConfig(**json.loads(key))
+    comps = load_components(cfg, torch.device("cpu"))
+    return torch.cat([x for _, x in reference_blocks(cfg, comps)], dim=1)
+
+
+def reference_latents(**fields) -> torch.Tensor:
+    """Single-process latents ``[C, frames, h, w]`` for a config (cached per config)."""
+    fields = {k: v for k, v in fields.items() if k not in ("name", "save_latents", "output", "stats_json", "trace")}
+    return _reference(json.dumps(fields, sort_keys=True))
+
+
+def load_latents(path) -> torch.Tensor:
+    obj = torch.load(path)
+    return obj["latents"] if isinstance(obj, dict) else obj

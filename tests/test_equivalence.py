@@ -1,0 +1,80 @@
+"""Distributed == single-process, bit for bit, across N DiT ranks x S steps x both KV policies.
+
+One torchrun world per N runs the whole sweep for that N (start-up paid four times, not 72). Streams are 3
+blocks with 1 block of KV history, so every run wraps the rolling cache; one longer run (7 blocks, 2 of history,
+S=7 on N=3) checks a deeper wrap with a non-multiple S.
+"""
+
+import pytest
+import torch
+
+from helpers import load_latents, reference_latents, run_world
+
+POLICIES = ("per_step", "broadcast")
+BASE = dict(num_blocks=3, frames_per_block=2, size="64*64", kv_cache_blocks=1, base_seed=7)
+LONG = dict(num_gpus_dit=3, sample_steps=7, num_blocks=7, frames_per_block=2, size="64*64", kv_cache_blocks=2,
+            base_seed=11)
+STALE = dict(num_gpus_dit=2, sample_steps=4, kv_sync="unsynced", **BASE)
+
+
+def sweep_configs(n):
+    configs = [dict(name=f"n{n}-s{s}-{p}", num_gpus_dit=n, sample_steps=s, kv_sync=p, **BASE)
+               for s in range(1, 10) for p in POLICIES]
+    if n == 3:
+        configs += [dict(name=f"long-{p}", kv_sync=p, **LONG) for p in POLICIES]
+    if n == 2:
+        configs += [dict(name="stale", **STALE)]
+    return configs
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    for n in (1, 2, 3, 4):
+        run_world(n + 1, sweep_configs(n), out)
+    return out
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("steps", range(1, 10))
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_distributed_equals_reference(sweep, n, steps, policy):
+    got = load_latents(sweep / f"n{n}-s{steps}-{policy}.pt")
+    want = reference_latents(num_gpus_dit=n, sample_steps=steps, kv_sync=policy, **BASE)
+    assert got.shape == want.shape == (4, 3 * 2, 8, 8)
+    assert torch.equal(got, want), f"max abs diff {(got - want).abs().max().item()}"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_long_stream_past_cache_capacity(sweep, policy):
+    got = load_latents(sweep / f"long-{policy}.pt")
+    assert torch.equal(got, reference_latents(kv_sync=policy, **LONG))
+
+
+def test_policies_differ():
+    """The two semantics are really different computations (S > 1), so equality above is not vacuous."""
+    per_step = reference_latents(num_gpus_dit=2, sample_steps=4, kv_sync="per_step", **BASE)
+    broadcast = reference_latents(num_gpus_dit=2, sample_steps=4, kv_sync="broadcast", **BASE)
+    f = BASE["frames_per_block"]
+    assert torch.equal(per_step[:, :f], broadcast[:, :f])  # block 0 only sees the sink: identical
+    assert not torch.equal(per_step[:, f:], broadcast[:, f:])  # later blocks read different history
+
+
+def test_stale_cache_differs_from_both(sweep):
+    """The proposal without its sync (each rank keeps its own cache) matches its own single-process model and
+    neither correct semantics: a rank that misses the sync produces different video."""
+    got = load_latents(sweep / "stale.pt")
+    assert torch.equal(got, reference_latents(**STALE))
+    for policy in POLICIES:
+        correct = reference_latents(**{**STALE, "kv_sync": policy})
+        assert not torch.equal(got, correct), policy
+
+
+def test_history_is_read():
+    """A longer KV history changes later blocks: attention reads the cache (and evicts from it)."""
+    short = reference_latents(num_gpus_dit=2, sample_steps=2, kv_sync="per_step", **{**BASE, "num_blocks": 4})
+    long = reference_latents(num_gpus_dit=2, sample_steps=2, kv_sync="per_step",
+                             **{**BASE, "num_blocks": 4, "kv_cache_blocks": 3})
+    f = BASE["frames_per_block"]
+    assert torch.equal(short[:, : 2 * f], long[:, : 2 * f])  # blocks 0, 1: same visible history
+    assert not torch.equal(short[:, 2 * f:], long[:, 2 * f:])  # block 2 on: block 0 evicted in one, not the other
