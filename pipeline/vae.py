@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
+from einops import rearrange
 
 TINY_VAE_CONFIG = dict(
     base_dim=4,
@@ -84,7 +85,7 @@ def load_image(path: str, height: int, width: int) -> torch.Tensor:
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """``[3, T, H, W]`` in [-1, 1] -> ``[T, H, W, 3]`` uint8."""
     x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).cpu().numpy()
+    return rearrange(x, "c t h w -> t h w c").cpu().numpy()
 
 
 class StreamingDecoder:

@@ -5,10 +5,13 @@ blocks with 1 block of KV history, so every run wraps the rolling cache; one lon
 S=7 on N=3) checks a deeper wrap with a non-multiple S.
 """
 
+import json
+
 import pytest
 import torch
 
 from helpers import load_latents, reference_latents, run_world
+from pipeline.schedule import Schedule
 
 POLICIES = ("per_step", "broadcast")
 BASE = dict(num_blocks=3, frames_per_block=2, size="64*64", kv_cache_blocks=1, base_seed=7)
@@ -78,3 +81,17 @@ def test_history_is_read():
     f = BASE["frames_per_block"]
     assert torch.equal(short[:, : 2 * f], long[:, : 2 * f])  # blocks 0, 1: same visible history
     assert not torch.equal(short[:, 2 * f:], long[:, 2 * f:])  # block 2 on: block 0 evicted in one, not the other
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_runtime_ran_exactly_the_schedule(sweep, n):
+    """Every DiT rank executed its list action for action; the VAE rank received and decoded in block order."""
+    for steps in range(1, 10):
+        for policy in POLICIES:
+            stats = json.loads((sweep / f"n{n}-s{steps}-{policy}.json").read_text())
+            lists = Schedule(n, steps, BASE["num_blocks"], policy).rank_lists()
+            for rank in range(n):
+                ran = [tuple(row[:4]) for row in stats["timelines"][str(rank)]]
+                assert ran == [(a.kind, a.block, a.step, a.peer) for a in lists[rank]], (steps, policy, rank)
+            vae = stats["timelines"][str(n)]
+            assert [r[1] for r in vae if r[0] == "decode"] == list(range(BASE["num_blocks"]))
