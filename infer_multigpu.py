@@ -30,9 +30,10 @@ def fail(rank: int | None, message: str, code: int = 2) -> int:
 
 def run_reference(cfg: GenerationConfig) -> int:
     from pipeline.components import load_components
-    from pipeline.distributed import Interrupted, build_stats, write_json_atomic
+    from pipeline.distributed import build_stats, write_json_atomic
     from pipeline.output import BlockOutput
     from pipeline.reference import reference_blocks
+    from pipeline.runtime import Interrupted, StopRequest
 
     device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
     comps = load_components(cfg, device)
@@ -41,9 +42,10 @@ def run_reference(cfg: GenerationConfig) -> int:
     try:
         for block, latent in reference_blocks(cfg, comps):
             output.add(block, latent)
+            StopRequest.check()
         partial = False
-    except (KeyboardInterrupt, Interrupted) as e:
-        code = getattr(e, "exit_code", 130)
+    except Interrupted as e:
+        code = e.exit_code
         print(f"interrupted after {output.blocks} blocks: finalising outputs", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
     written = output.finish(partial=partial)
@@ -99,9 +101,10 @@ def main(argv=None) -> int:
         err = validate(cfg, None)
         if err:
             return fail(None, err)
-        from pipeline.distributed import _raise_interrupted
+        from pipeline.runtime import StopRequest
 
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        signal.signal(signal.SIGINT, StopRequest.handler)
+        signal.signal(signal.SIGTERM, StopRequest.handler)
         return run_reference(cfg)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return fail(None, "not launched by torchrun (RANK/WORLD_SIZE unset): use "

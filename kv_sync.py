@@ -107,10 +107,15 @@ def broadcast_block(cache, block: int, src: int, group, buffer: torch.Tensor, ti
     if me == src:
         pack_block(cache, block, out=buffer)
     work = dist.broadcast(buffer, src=src, group=group, async_op=True)
-    if timeout is None:
-        work.wait()
-    elif not work.wait(timeout=timedelta(seconds=timeout)):
-        raise TimeoutError(f"KV broadcast of block {block} from rank {src}")
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=timedelta(seconds=timeout))
+    except RuntimeError as e:
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            raise TimeoutError(f"KV broadcast of block {block} from rank {src}") from e
+        raise
     if me != src:
         unpack_block(cache, block, buffer)
         return 0

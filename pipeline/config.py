@@ -68,9 +68,16 @@ def parse_size(size: str) -> tuple[int, int]:
     return h, w
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line on stderr (no usage dump) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = GenerationConfig()
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         description="Streaming block-causal video diffusion with timestep-forcing pipeline parallelism: step i of "
         "every block runs on DiT rank i %% N, one more rank decodes with the VAE. Launch with "
         "torchrun --nproc_per_node=N+1, or run --reference in one process.",
@@ -139,9 +146,21 @@ def read_checkpoint_config(path: str | None, sub: str) -> tuple[dict | None, str
     return None, f"{path} has no config.json (nor {sub}/config.json): not a diffusers checkpoint"
 
 
-def _writable_parent(path: str) -> bool:
+def _writable_parent(path: str) -> str | None:
+    """Create the parent directory if needed and prove it takes a file; the reason if not (root ignores mode
+    bits, so only a real write tells)."""
+    import tempfile
+
     parent = os.path.dirname(os.path.abspath(path))
-    return os.path.isdir(parent) and os.access(parent, os.W_OK)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".tpp-write-probe-"):
+            pass
+    except OSError as e:
+        return f"cannot write to directory {parent} ({e.strerror or e})"
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    return None
 
 
 def validate(cfg: GenerationConfig, world_size: int | None) -> str | None:
@@ -206,8 +225,9 @@ def validate(cfg: GenerationConfig, world_size: int | None) -> str | None:
         return f"--image {cfg.image} does not exist"
     for flag, path in (("--output", cfg.output), ("--save_latents", cfg.save_latents),
                        ("--stats_json", cfg.stats_json), ("--trace", cfg.trace)):
-        if path and not _writable_parent(path):
-            return f"{flag} {path}: directory {os.path.dirname(os.path.abspath(path))} is missing or not writable"
+        problem = _writable_parent(path) if path else None
+        if problem:
+            return f"{flag} {path}: {problem}"
     if cfg.verify and cfg.reference:
         return "--verify compares a distributed run with the reference; drop it with --reference"
     if cfg.endless and cfg.verify:

@@ -16,28 +16,16 @@ import torch.distributed as dist
 from .components import block_shape, load_components
 from .config import GenerationConfig
 from .output import BlockOutput
-from .runtime import CommTimeout, RankStats, run_dit_rank, run_vae_rank
+from .runtime import CommTimeout, DitRank, Interrupted, RankFailure, RankStats, StopRequest, run_vae_rank
 from .schedule import Schedule
 
 log = logging.getLogger("tpp")
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM on the VAE rank, raised in its main thread."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
-
-
-def _raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
-
-
 def install_signal_handlers(is_vae: bool) -> None:
-    if is_vae:  # the VAE rank finalises the video on Ctrl-C / SIGTERM
-        signal.signal(signal.SIGINT, _raise_interrupted)
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+    if is_vae:  # the VAE rank finalises the video on Ctrl-C / SIGTERM, at the next block boundary
+        signal.signal(signal.SIGINT, StopRequest.handler)
+        signal.signal(signal.SIGTERM, StopRequest.handler)
     else:  # DiT ranks hold nothing worth saving: die at once rather than after a blocking wait returns
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -112,11 +100,11 @@ def generate_distributed(cfg: GenerationConfig, device: torch.device) -> RunResu
         log.info(schedule.describe())
     if rank < n:
         stats = RankStats(rank, "dit")
-        comps = load_components(cfg, device)
         try:
-            run_dit_rank(rank, cfg, comps, schedule, kv_group, stats)
-        except CommTimeout as e:
+            DitRank(rank, cfg, load_components(cfg, device), schedule, kv_group, stats).run()
+        except (CommTimeout, RankFailure) as e:
             print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+            log.debug("details", exc_info=True)
             return RunResult(exit_code=1, partial=True)
         _gather(stats, n)
         return RunResult()
@@ -141,8 +129,9 @@ def _vae_rank(cfg: GenerationConfig, device, schedule: Schedule) -> RunResult:
         result.exit_code = 1
     except Exception as e:  # a peer died mid-stream: keep what has arrived
         first = str(e).splitlines()[0] if str(e) else ""
-        print(f"[rank {rank}] error: lost contact with a DiT rank after {output.blocks} blocks "
-              f"({type(e).__name__}: {first}); its own message says why", file=sys.stderr, flush=True)
+        print(f"[rank {rank}] error: stopped after {output.blocks} blocks ({type(e).__name__}: {first}); "
+              "if a DiT rank failed, its own message says why", file=sys.stderr, flush=True)
+        log.debug("details", exc_info=True)
         result.exit_code = 1
     result.written = output.finish(partial=result.partial)
     summaries, timelines = [stats.summary()], {rank: stats.timeline}

@@ -17,10 +17,18 @@ from .components import Components
 from .config import GenerationConfig
 
 
-def reference_blocks(cfg: GenerationConfig, comps: Components) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(block, final latent [C, F, h, w])`` in order; endless if ``cfg.num_blocks == 0``."""
+def reference_caches(cfg: GenerationConfig, comps: Components) -> dict:
+    """Every logical cache of the policy, prefilled with the sink."""
+    return comps.new_caches(kv_sync.logical_caches(cfg.kv_sync, cfg.sample_steps, cfg.num_gpus_dit),
+                            cfg.kv_cache_blocks)
+
+
+def reference_blocks(cfg: GenerationConfig, comps: Components, caches: dict | None = None
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(block, final latent [C, F, h, w])`` in order; endless if ``cfg.num_blocks == 0``.
+    ``caches`` (from :func:`reference_caches`) lets a caller keep setup out of a timing."""
     n, steps = cfg.num_gpus_dit, cfg.sample_steps
-    caches = comps.new_caches(kv_sync.logical_caches(cfg.kv_sync, steps, n), cfg.kv_cache_blocks)
+    caches = caches if caches is not None else reference_caches(cfg, comps)
     blocks = itertools.count() if cfg.endless else range(cfg.num_blocks)
     for b in blocks:
         x = comps.noise(b)

@@ -22,11 +22,42 @@ import kv_sync
 
 from .components import Components
 from .config import GenerationConfig
+from .faults import maybe_fail
 from .schedule import Action, Schedule
 
 
 class CommTimeout(RuntimeError):
     pass
+
+
+class RankFailure(RuntimeError):
+    """Any other error on a rank, with the action it was running."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; raised at a block boundary, never inside a frame write."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """Set by a signal handler, acted on between blocks (an exception raised inside ffmpeg's pipe write or a
+    half-decoded block would be worse than a few hundred milliseconds of delay)."""
+
+    signum: int | None = None
+
+    @classmethod
+    def handler(cls, signum, _frame) -> None:
+        cls.signum = cls.signum or signum
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.signum is not None:
+            raise Interrupted(cls.signum)
 
 
 @dataclass
@@ -39,7 +70,7 @@ class RankStats:
     bytes_kv: int = 0
     # (kind, block, step, peer, start, end) relative to the post-setup barrier; capped for endless streams
     timeline: list = field(default_factory=list)
-    timeline_cap: int = 200_000
+    timeline_cap: int = 50_000  # ~5 MB; keeps memory flat on endless streams
 
     def record(self, a: Action, start: float, end: float, t0: float) -> None:
         if len(self.timeline) < self.timeline_cap:
@@ -112,50 +143,71 @@ class Comm:
             self.stats.wait_seconds += time.perf_counter() - start
 
 
-def run_dit_rank(
-    rank: int, cfg: GenerationConfig, comps: Components, schedule: Schedule, kv_group, stats: RankStats
-) -> None:
-    """Build and prefill this rank's caches, wait for every rank to be ready, then follow
-    ``schedule.actions(rank)``."""
-    n, steps = cfg.num_gpus_dit, cfg.sample_steps
-    keys = kv_sync.caches_on_rank(cfg.kv_sync, rank, steps, n)
-    caches = comps.new_caches(keys, cfg.kv_cache_blocks) if keys else {}
-    comm = Comm(rank, cfg.comm_timeout, stats)
-    kv_buffer = next(iter(caches.values())).block_view(0).contiguous() if caches and schedule.sync_group else None
-    _barrier(cfg)
-    t0 = time.perf_counter()
-    recvs: dict[tuple[int, int], tuple] = {}
-    outputs: dict[tuple[int, int], torch.Tensor] = {}
-    for a in schedule.actions(rank):
-        start = time.perf_counter()
+class DitRank:
+    """One DiT rank: its caches, its in-flight messages, and the loop that follows its action list."""
+
+    def __init__(self, rank: int, cfg: GenerationConfig, comps: Components, schedule: Schedule, kv_group,
+                 stats: RankStats):
+        self.rank, self.cfg, self.comps, self.schedule, self.kv_group, self.stats = (
+            rank, cfg, comps, schedule, kv_group, stats)
+        n, steps = cfg.num_gpus_dit, cfg.sample_steps
+        self.caches = comps.new_caches(kv_sync.caches_on_rank(cfg.kv_sync, rank, steps, n), cfg.kv_cache_blocks)
+        self.cache_of_step = {i: kv_sync.cache_key(cfg.kv_sync, i, n) for i in schedule.steps_of(rank)}
+        self.comm = Comm(rank, cfg.comm_timeout, stats)
+        # One preallocated buffer for every KV broadcast (broadcast policy only).
+        self.kv_buffer = None
+        if self.caches and schedule.sync_group:
+            self.kv_buffer = next(iter(self.caches.values())).block_view(0).contiguous()
+        self.recvs: dict[tuple[int, int], tuple] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def run(self) -> None:
+        """Wait until every rank is set up, then follow ``schedule.actions(rank)``."""
+        _barrier(self.cfg)
+        t0 = time.perf_counter()
+        for a in self.schedule.actions(self.rank):
+            start = time.perf_counter()
+            try:
+                self.execute(a)
+            except CommTimeout:
+                raise
+            except Exception as e:
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise RankFailure(f"rank {self.rank} failed at {a}: {type(e).__name__}: {first}") from e
+            self.stats.record(a, start, time.perf_counter(), t0)
+        self.comm.flush()
+
+    def execute(self, a: Action) -> None:
+        comps, stats = self.comps, self.stats
         if a.kind == "recv":
-            recvs[(a.block, a.step)] = comm.post_recv(a, comps.block_shape, comps.device, comps.dit.dtype)
+            self.recvs[(a.block, a.step)] = self.comm.post_recv(a, comps.block_shape, comps.device, comps.dit.dtype)
         elif a.kind == "compute":
+            maybe_fail(self.rank, a.block, a.step)
             if a.step == 0:
                 x = comps.noise(a.block)
             else:
-                x = comm.wait_recv(recvs.pop((a.block, a.step - 1)), f"to run step {a.step}")
+                x = self.comm.wait_recv(self.recvs.pop((a.block, a.step - 1)), f"to run step {a.step}")
             begin = time.perf_counter()
-            x = comps.denoise_step(caches[kv_sync.cache_key(cfg.kv_sync, a.step, n)], a.block, a.step, x)
+            x = comps.denoise_step(self.caches[self.cache_of_step[a.step]], a.block, a.step, x)
             stats.busy_seconds += time.perf_counter() - begin
-            outputs[(a.block, a.step)] = x
+            self.outputs[(a.block, a.step)] = x
         elif a.kind == "send":
-            comm.isend(a, outputs.pop((a.block, a.step)))
+            self.comm.isend(a, self.outputs.pop((a.block, a.step)))
         elif a.kind == "sync":
-            cache = caches[kv_sync.cache_key(cfg.kv_sync, a.step, n)]
+            cache = self.caches[kv_sync.cache_key(self.cfg.kv_sync, a.step, self.cfg.num_gpus_dit)]
             begin = time.perf_counter()
             try:
-                stats.bytes_kv += kv_sync.broadcast_block(cache, a.block, a.peer, kv_group, kv_buffer, cfg.comm_timeout)
-            except (TimeoutError, RuntimeError) as e:
+                stats.bytes_kv += kv_sync.broadcast_block(cache, a.block, a.peer, self.kv_group, self.kv_buffer,
+                                                          self.cfg.comm_timeout)
+            except TimeoutError:
                 raise CommTimeout(
-                    f"rank {rank} waited {cfg.comm_timeout:g}s for the KV broadcast of block {a.block} step "
-                    f"{a.step} from rank {a.peer}"
-                ) from e
-            stats.wait_seconds += time.perf_counter() - begin
+                    f"rank {self.rank} waited {self.cfg.comm_timeout:g}s for the KV broadcast of block {a.block} "
+                    f"step {a.step} from rank {a.peer}"
+                ) from None
+            finally:
+                stats.wait_seconds += time.perf_counter() - begin
         else:
-            raise RuntimeError(f"DiT rank {rank} cannot run {a}")
-        stats.record(a, start, time.perf_counter(), t0)
-    comm.flush()
+            raise RuntimeError(f"a DiT rank cannot run {a}")
 
 
 def run_vae_rank(cfg: GenerationConfig, comps_shape, device, dtype, schedule: Schedule, stats: RankStats, output):
@@ -185,8 +237,9 @@ def run_vae_rank(cfg: GenerationConfig, comps_shape, device, dtype, schedule: Sc
 
     threading.Thread(target=receive, name="vae-recv", daemon=True).start()
     while True:
+        StopRequest.check()
         try:
-            item = arrivals.get(timeout=0.25)  # a timed get keeps Ctrl-C responsive
+            item = arrivals.get(timeout=0.2)  # a timed get keeps Ctrl-C responsive
         except queue.Empty:
             continue
         if item is None:
@@ -194,6 +247,7 @@ def run_vae_rank(cfg: GenerationConfig, comps_shape, device, dtype, schedule: Sc
         if isinstance(item, BaseException):
             raise item
         block, latent = item
+        maybe_fail(rank, block)
         start = time.perf_counter()
         output.add(block, latent)
         end = time.perf_counter()

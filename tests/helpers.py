@@ -21,6 +21,7 @@ from pipeline.reference import reference_blocks  # noqa: E402
 
 def torchrun_cmd(nproc: int, script: str, *args: str, nnodes: int = 1, node_rank: int | None = None,
                  rdzv: str | None = None) -> list[str]:
+    """``script`` is a path under the project root, or ``-m module``."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1:
         cmd += ["--standalone"]
@@ -28,7 +29,8 @@ def torchrun_cmd(nproc: int, script: str, *args: str, nnodes: int = 1, node_rank
         cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv}", "--rdzv-id=tpp-test"]
         if node_rank is not None:
             cmd += [f"--node-rank={node_rank}"]
-    cmd += [f"--nproc_per_node={nproc}", "--monitor-interval=0.2", str(ROOT / script), *args]
+    target = ["-m", script[3:]] if script.startswith("-m ") else [str(ROOT / script)]
+    cmd += [f"--nproc_per_node={nproc}", "--monitor-interval=0.2", *target, *args]
     return cmd
 
 
@@ -51,7 +53,7 @@ def run_torchrun(nproc: int, script: str, *args: str, timeout: float = 600, extr
 def run_world(nproc: int, configs: list[dict], out_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     path = out_dir / f"configs-{nproc}.json"
     path.write_text(json.dumps(configs))
-    proc = run_torchrun(nproc, "tests/worlds/run_configs.py", str(path), str(out_dir), timeout=timeout)
+    proc = run_torchrun(nproc, "-m pipeline.sweep_world", str(path), str(out_dir), timeout=timeout)
     assert proc.returncode == 0, f"world of {nproc} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 

@@ -1,21 +1,21 @@
-"""A torchrun world that runs many generations back to back (start-up paid once per world).
+"""A torchrun world that runs many generations back to back (start-up paid once per world): test sweeps and
+the benchmark use it.
 
-    torchrun --standalone --nproc_per_node=N+1 tests/worlds/run_configs.py CONFIGS.json OUT_DIR
+    torchrun --standalone --nproc_per_node=N+1 -m pipeline.sweep_world CONFIGS.json OUT_DIR
 
-CONFIGS.json is a list of ``{"name": ..., <GenerationConfig fields>}`` all with ``num_gpus_dit == N``. For each,
-the VAE rank writes ``OUT_DIR/<name>.pt`` (latents) and ``OUT_DIR/<name>.json`` (stats incl. per-rank timelines).
+CONFIGS.json is a list of ``{"name": ..., ["save": false,] <GenerationConfig fields>}`` all with
+``num_gpus_dit == N``. For each, the VAE rank writes ``OUT_DIR/<name>.pt`` (latents, unless ``save`` is false)
+and ``OUT_DIR/<name>.json`` (stats incl. per-rank timelines).
 """
 
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from pipeline.config import GenerationConfig, validate  # noqa: E402
-from pipeline.distributed import generate_distributed, init_distributed  # noqa: E402
+from pipeline.config import GenerationConfig, validate
+from pipeline.distributed import generate_distributed, init_distributed
 
 
 def main() -> int:
@@ -26,8 +26,10 @@ def main() -> int:
     device = None
     for entry in configs:
         name = entry.pop("name")
+        save = entry.pop("save", True)  # the benchmark measures latents-only runs without keeping them
         cfg = GenerationConfig(**entry)
-        cfg.save_latents = os.path.join(out_dir, f"{name}.pt")
+        if save:
+            cfg.save_latents = os.path.join(out_dir, f"{name}.pt")
         err = validate(cfg, world)
         if err:
             print(f"[rank {os.environ['RANK']}] error: {err}", file=sys.stderr)
