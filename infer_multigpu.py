@@ -18,13 +18,13 @@ import time
 import torch
 
 from pipeline.config import GenerationConfig, parse_args, validate
+from pipeline.messages import error, say
 
 log = logging.getLogger("tpp")
 
 
 def fail(rank: int | None, message: str, code: int = 2) -> int:
-    who = f"[rank {rank}] " if rank is not None else ""
-    print(f"{who}error: {message}", file=sys.stderr, flush=True)
+    error(message, rank)
     return code
 
 
@@ -32,21 +32,22 @@ def run_reference(cfg: GenerationConfig) -> int:
     from pipeline.components import load_components
     from pipeline.distributed import build_stats, write_json_atomic
     from pipeline.output import BlockOutput
-    from pipeline.reference import reference_blocks
+    from pipeline.reference import reference_blocks, reference_caches
     from pipeline.runtime import Interrupted, StopRequest
 
     device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
     comps = load_components(cfg, device)
     output = BlockOutput(cfg, device)
+    caches = reference_caches(cfg, comps)  # setup stays out of generation_seconds, as on the ranks
     start, partial, code = time.perf_counter(), True, 0
     try:
-        for block, latent in reference_blocks(cfg, comps):
+        for block, latent in reference_blocks(cfg, comps, caches):
             output.add(block, latent)
             StopRequest.check()
         partial = False
     except Interrupted as e:
         code = e.exit_code
-        print(f"interrupted after {output.blocks} blocks: finalising outputs", file=sys.stderr, flush=True)
+        say(f"interrupted after {output.blocks} blocks: finalising outputs")
     seconds = time.perf_counter() - start
     written = output.finish(partial=partial)
     if cfg.stats_json:

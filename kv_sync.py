@@ -16,9 +16,17 @@ the same policy (the single process simply holds every logical cache).
     The proposal without its sync: one private cache per rank, step ``i`` uses its rank's cache. It reproduces
     the stale-cache drift the PR describes; useful to show the cache matters, never for production.
 
-Standalone: the policy functions need nothing; :func:`broadcast_block` needs an initialised process group only
-when it is called. Shapes: a cache is any object with ``block_view(block) -> Tensor`` (for
-:class:`pipeline.kv_cache.KVCache` that is ``[layers, 2, block_tokens, heads, head_dim]``).
+Standalone: imports only torch. The policy functions and :func:`pack_slot`/:func:`unpack_slot` need nothing;
+the ``broadcast_*`` functions need an initialised process group only when called. Two cache layouts are
+understood (see :func:`slot_views`): this project's ``KVCache`` (``[layers, 2, tokens, heads, head_dim]``) and
+the upstream LiveAvatar list of per-layer dicts (``k``/``v`` ``[batch, tokens, heads, head_dim]`` plus
+``cond_k``/``cond_v``/``cond_end``).
+
+Drop-in use in an existing TPP loop (after the rank that ran step ``i`` wrote tokens ``start:end``)::
+
+    buf = kv_sync.make_buffer(kv_cache, start, end)            # once
+    if kv_sync.syncs_after_step(policy):
+        kv_sync.broadcast_slot(kv_cache, start, end, src=i % N, group=dit_group, buffer=buf)
 """
 
 from __future__ import annotations
@@ -81,32 +89,45 @@ def kv_bytes_per_block(policy: str, num_steps: int, num_dit_ranks: int, slot_byt
     return num_steps * slot_bytes * (group - 1) if group > 1 else 0
 
 
-def pack_block(cache, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy block ``block``'s slot of every layer into one contiguous buffer (``out`` is reused if given)."""
-    view = cache.block_view(block)
-    if out is None:
-        return view.contiguous()
-    out.copy_(view)
+def slot_views(cache, start: int, end: int) -> list[torch.Tensor]:
+    """Views of tokens ``[start, end)`` of every layer's keys and values, for either cache layout:
+
+    * :class:`pipeline.kv_cache.KVCache`: one view ``data[:, :, start:end]`` (``[layers, 2, tokens, heads, dim]``);
+    * the upstream layout, a list (one per layer) of dicts with ``k``/``v`` ``[batch, tokens, heads, head_dim]``
+      (or an object whose ``.layers`` is that list): ``k[:, start:end]``, ``v[:, start:end]`` per layer.
+    """
+    if hasattr(cache, "data"):
+        return [cache.data[:, :, start:end]]
+    layers = getattr(cache, "layers", cache)
+    return [layer[name][:, start:end] for layer in layers for name in ("k", "v")]
+
+
+def make_buffer(cache, start: int, end: int) -> torch.Tensor:
+    """A flat buffer that holds one slot (allocate once, reuse for every broadcast)."""
+    views = slot_views(cache, start, end)
+    return torch.empty(sum(v.numel() for v in views), dtype=views[0].dtype, device=views[0].device)
+
+
+def pack_slot(cache, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy tokens ``[start, end)`` of every layer into one flat buffer (``out`` is reused if given)."""
+    views = slot_views(cache, start, end)
+    out = out if out is not None else make_buffer(cache, start, end)
+    offset = 0
+    for v in views:
+        out[offset : offset + v.numel()].view(v.shape).copy_(v)
+        offset += v.numel()
     return out
 
 
-def unpack_block(cache, block: int, buffer: torch.Tensor) -> None:
-    """Write a buffer made by :func:`pack_block` into block ``block``'s slot."""
-    cache.block_view(block).copy_(buffer)
+def unpack_slot(cache, start: int, end: int, buffer: torch.Tensor) -> None:
+    """Write a buffer made by :func:`pack_slot` back into tokens ``[start, end)``."""
+    offset = 0
+    for v in slot_views(cache, start, end):
+        v.copy_(buffer[offset : offset + v.numel()].view(v.shape))
+        offset += v.numel()
 
 
-def broadcast_block(cache, block: int, src: int, group, buffer: torch.Tensor, timeout: float | None = None) -> int:
-    """One collective: ``src`` sends block ``block``'s slot of every layer to every rank of ``group``; the others
-    overwrite theirs. ``buffer`` is a preallocated tensor shaped like ``cache.block_view(block)`` (reused every
-    step, so the hot loop allocates nothing). Returns the bytes this rank sent (0 unless it is ``src``).
-
-    Raises ``TimeoutError`` if the collective does not finish within ``timeout`` seconds."""
-    import torch.distributed as dist
-
-    me = dist.get_rank()
-    if me == src:
-        pack_block(cache, block, out=buffer)
-    work = dist.broadcast(buffer, src=src, group=group, async_op=True)
+def _wait(work, timeout: float | None, what: str) -> None:
     try:
         if timeout is None:
             work.wait()
@@ -114,9 +135,51 @@ def broadcast_block(cache, block: int, src: int, group, buffer: torch.Tensor, ti
             work.wait(timeout=timedelta(seconds=timeout))
     except RuntimeError as e:
         if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-            raise TimeoutError(f"KV broadcast of block {block} from rank {src}") from e
+            raise TimeoutError(what) from e
         raise
+
+
+def broadcast_slot(cache, start: int, end: int, src: int, group, buffer: torch.Tensor,
+                   timeout: float | None = None) -> int:
+    """One collective: rank ``src`` sends tokens ``[start, end)`` of every layer to every rank of ``group``;
+    the others overwrite theirs. ``buffer`` comes from :func:`make_buffer` (reused: the hot loop allocates
+    nothing). Returns the bytes this rank sent (0 unless it is ``src``). ``TimeoutError`` after ``timeout`` s."""
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    if me == src:
+        pack_slot(cache, start, end, out=buffer)
+    work = dist.broadcast(buffer, src=src, group=group, async_op=True)
+    _wait(work, timeout, f"KV broadcast of tokens {start}:{end} from rank {src}")
     if me != src:
-        unpack_block(cache, block, buffer)
+        unpack_slot(cache, start, end, buffer)
         return 0
     return buffer.numel() * buffer.element_size() * (dist.get_world_size(group) - 1)
+
+
+def broadcast_block(cache, block: int, src: int, group, buffer: torch.Tensor, timeout: float | None = None) -> int:
+    """:func:`broadcast_slot` for block ``block``'s slot (``cache.block_range(block)``)."""
+    start, end = cache.block_range(block)
+    return broadcast_slot(cache, start, end, src, group, buffer, timeout)
+
+
+def broadcast_conditioning(cache, src: int, group, timeout: float | None = None) -> int:
+    """Once, after prefill: make every replica's conditioning entries (``cond_k``/``cond_v`` of the upstream
+    layout, or the sink tokens of a :class:`~pipeline.kv_cache.KVCache`) equal to ``src``'s, so ranks that
+    computed their prefill on different hardware still agree bit for bit. Never needed per step."""
+    import torch.distributed as dist
+
+    if hasattr(cache, "data"):
+        start, end = cache.sink_range()
+        return broadcast_slot(cache, start, end, src, group, make_buffer(cache, start, end), timeout)
+    layers = getattr(cache, "layers", cache)
+    tensors = [layer[name] for layer in layers for name in ("cond_k", "cond_v")]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    work = dist.broadcast(flat, src=src, group=group, async_op=True)
+    _wait(work, timeout, f"conditioning broadcast from rank {src}")
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    sent = flat.numel() * flat.element_size() * (dist.get_world_size(group) - 1)
+    return sent if dist.get_rank() == src else 0

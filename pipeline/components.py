@@ -11,13 +11,14 @@ from scheduler_utils import StepTable
 
 from .config import GenerationConfig, read_checkpoint_config
 from .kv_cache import KVCache
+from .protocol import BlockDenoiser, slot_for
 from .vae import build_vae, encode_image, load_image, spatial_ratio_of
 from .wan_dit import TINY_TRANSFORMER_CONFIG, WanBlockCausalDiT, block_noise, build_transformer, seeded_context, seeded_sink_latent
 
 
 @dataclass
 class Components:
-    dit: WanBlockCausalDiT
+    dit: BlockDenoiser
     table: StepTable
     context: torch.Tensor  # [1, tokens, text_dim]
     sink: torch.Tensor  # [C, 1, h, w]: the attention-sink reference frame
@@ -39,8 +40,7 @@ class Components:
                     self.dit.prefill(cache, self.sink, self.context)
                 first = cache
             else:
-                start, end = first.sink_range()
-                cache.data[:, :, start:end] = first.data[:, :, start:end]
+                cache.copy_sink_from(first)
         return caches
 
     def denoise_step(self, cache: KVCache, block: int, step: int, latent: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,8 @@ class Components:
             time.sleep(self.simulate_step_s)  # stands in for the forward; the rest of the step is real
             velocity = torch.zeros_like(latent)
         else:
-            velocity = self.dit.velocity(latent, t, cache, block, self.context)
+            slot = slot_for(cache, block, self.dit.frames_per_block)
+            velocity = self.dit.velocity(latent, t, cache, slot, self.context)
         return self.table.step(step, latent, velocity)
 
 
@@ -64,10 +65,25 @@ def block_shape(cfg: GenerationConfig) -> tuple[int, int, int, int]:
     return channels, cfg.frames_per_block, cfg.height // ratio, cfg.width // ratio
 
 
-def load_components(cfg: GenerationConfig, device: torch.device) -> Components:
-    transformer = build_transformer(cfg.transformer_path, cfg.base_seed, device=device)
+def build_denoiser(cfg: GenerationConfig, device: torch.device) -> tuple[BlockDenoiser, int]:
+    """The model behind the protocol, and its conditioning width."""
     c, f, h, w = block_shape(cfg)
-    dit = WanBlockCausalDiT(transformer, cfg.frames_per_block, (h, w))
+    if cfg.model == "upstream_standin":
+        from .standin import build_standin
+        from .upstream_adapter import UpstreamConventionAdapter
+
+        text_dim = TINY_TRANSFORMER_CONFIG["text_dim"]
+        model = build_standin(cfg.base_seed, (h, w), text_dim, device=device)
+        adapter = UpstreamConventionAdapter(model, f, (h, w), latent_channels=c, num_layers=len(model.blocks),
+                                            num_heads=model.heads, head_dim=model.head_dim)
+        return adapter, text_dim
+    transformer = build_transformer(cfg.transformer_path, cfg.base_seed, device=device)
+    return WanBlockCausalDiT(transformer, f, (h, w)), transformer.config.text_dim
+
+
+def load_components(cfg: GenerationConfig, device: torch.device) -> Components:
+    c, f, h, w = block_shape(cfg)
+    dit, text_dim = build_denoiser(cfg, device)
     if cfg.image:  # every DiT rank encodes the same image itself: no collective, identical bits
         vae = build_vae(cfg.vae_path, cfg.base_seed, device=device)
         sink = encode_image(vae, load_image(cfg.image, cfg.height, cfg.width)).to(device)
@@ -77,7 +93,7 @@ def load_components(cfg: GenerationConfig, device: torch.device) -> Components:
     return Components(
         dit=dit,
         table=StepTable.from_scheduler(cfg.sample_steps, cfg.sample_shift),
-        context=seeded_context(transformer.config.text_dim, cfg.base_seed, device=device, dtype=dit.dtype),
+        context=seeded_context(text_dim, cfg.base_seed, device=device, dtype=dit.dtype),
         sink=sink,
         block_shape=(c, cfg.frames_per_block, h, w),
         device=device,

@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, fields
 
 import kv_sync
 
+from .checkpoints import checkpoint_root
 from .schedule import ORDERS
 
 PATCH = 2  # the transformer's spatial patch (tiny default and Wan checkpoints)
+MODELS = ("wan", "upstream_standin")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class GenerationConfig:
     vae_path: str | None = None
     image: str | None = None
     fps: int = 16
+    model: str = "wan"
     simulate_step_ms: float = 0.0
     comm_timeout: float = 300.0
     log_level: str = "info"
@@ -72,7 +75,9 @@ class _OneLineParser(argparse.ArgumentParser):
     """Bad flags get one line on stderr (no usage dump) and exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        rank = os.environ.get("RANK")
+        who = f"[rank {rank}] " if rank is not None else ""
+        self.exit(2, f"{who}error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "print the max abs difference of the latents")
     r.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
                    help="auto: cuda+nccl if CUDA is available, else cpu+gloo")
+    r.add_argument("--model", default=d.model, choices=MODELS,
+                   help="wan: diffusers' WanTransformer3DModel; upstream_standin: a small model written to the "
+                   "upstream LiveAvatar calling convention, run through the adapter")
     r.add_argument("--transformer_path", default=d.transformer_path, help="local diffusers WanTransformer3DModel dir")
     r.add_argument("--vae_path", default=d.vae_path, help="local diffusers AutoencoderKLWan dir")
     r.add_argument("--simulate_step_ms", type=float, default=d.simulate_step_ms,
@@ -135,15 +143,14 @@ def read_checkpoint_config(path: str | None, sub: str) -> tuple[dict | None, str
         return None, None
     if not os.path.isdir(path):
         return None, f"checkpoint directory {path} does not exist"
-    for root in (os.path.join(path, sub), path):
-        cfg = os.path.join(root, "config.json")
-        if os.path.isfile(cfg):
-            try:
-                with open(cfg) as f:
-                    return json.load(f), None
-            except (OSError, json.JSONDecodeError) as e:
-                return None, f"cannot read {cfg}: {e}"
-    return None, f"{path} has no config.json (nor {sub}/config.json): not a diffusers checkpoint"
+    cfg = os.path.join(checkpoint_root(path, sub), "config.json")
+    if not os.path.isfile(cfg):
+        return None, f"{path} has no config.json (nor {sub}/config.json): not a diffusers checkpoint"
+    try:
+        with open(cfg) as f:
+            return json.load(f), None
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"cannot read {cfg}: {e}"
 
 
 def _writable_parent(path: str) -> str | None:
@@ -188,6 +195,10 @@ def validate(cfg: GenerationConfig, world_size: int | None) -> str | None:
         return f"--kv_sync must be one of {', '.join(kv_sync.POLICIES)}, got {cfg.kv_sync!r}"
     if cfg.schedule not in ORDERS:
         return f"--schedule must be one of {', '.join(ORDERS)}, got {cfg.schedule!r}"
+    if cfg.model not in MODELS:
+        return f"--model must be one of {', '.join(MODELS)}, got {cfg.model!r}"
+    if cfg.model != "wan" and cfg.transformer_path:
+        return f"--transformer_path loads a Wan checkpoint; it does not apply to --model {cfg.model}"
     if cfg.comm_timeout <= 0:
         return f"--comm_timeout must be > 0 seconds, got {cfg.comm_timeout}"
     if cfg.simulate_step_ms < 0:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -15,6 +14,7 @@ import torch.distributed as dist
 
 from .components import block_shape, load_components
 from .config import GenerationConfig
+from .messages import error, say
 from .output import BlockOutput
 from .runtime import CommTimeout, DitRank, Interrupted, RankFailure, RankStats, StopRequest, run_vae_rank
 from .schedule import Schedule
@@ -101,9 +101,13 @@ def generate_distributed(cfg: GenerationConfig, device: torch.device) -> RunResu
     if rank < n:
         stats = RankStats(rank, "dit")
         try:
-            DitRank(rank, cfg, load_components(cfg, device), schedule, kv_group, stats).run()
+            try:
+                comps = load_components(cfg, device)
+            except Exception as e:  # a checkpoint that will not load, out of memory, ...
+                raise RankFailure(f"rank {rank} failed during setup: {type(e).__name__}: {e}") from e
+            DitRank(rank, cfg, comps, schedule, kv_group, stats).run()
         except (CommTimeout, RankFailure) as e:
-            print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+            error(str(e), rank)
             log.debug("details", exc_info=True)
             return RunResult(exit_code=1, partial=True)
         _gather(stats, n)
@@ -114,23 +118,26 @@ def generate_distributed(cfg: GenerationConfig, device: torch.device) -> RunResu
 def _vae_rank(cfg: GenerationConfig, device, schedule: Schedule) -> RunResult:
     rank, n = schedule.vae_rank, cfg.num_gpus_dit
     stats = RankStats(rank, "vae")
-    output = BlockOutput(cfg, device, keep_latents=cfg.save_latents is not None or cfg.verify)
+    try:
+        output = BlockOutput(cfg, device, keep_latents=cfg.save_latents is not None or cfg.verify)
+    except Exception as e:  # the VAE checkpoint will not load, ffmpeg cannot start, ...
+        error(f"rank {rank} failed during setup: {type(e).__name__}: {e}", rank)
+        return RunResult(exit_code=1, partial=True)
     result = RunResult(partial=True, output=output)
     seconds = 0.0
     try:
         seconds = run_vae_rank(cfg, block_shape(cfg), device, torch.float32, schedule, stats, output)
         result.partial = False
     except Interrupted as e:
-        print(f"[rank {rank}] interrupted ({e}) after {output.blocks} blocks: finalising outputs",
-              file=sys.stderr, flush=True)
+        say(f"interrupted ({e}) after {output.blocks} blocks: finalising outputs", rank)
         result.exit_code = e.exit_code
     except CommTimeout as e:
-        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        error(str(e), rank)
         result.exit_code = 1
     except Exception as e:  # a peer died mid-stream: keep what has arrived
         first = str(e).splitlines()[0] if str(e) else ""
-        print(f"[rank {rank}] error: stopped after {output.blocks} blocks ({type(e).__name__}: {first}); "
-              "if a DiT rank failed, its own message says why", file=sys.stderr, flush=True)
+        error(f"stopped after {output.blocks} blocks ({type(e).__name__}: {first}); "
+              "if a DiT rank failed, its own message says why", rank)
         log.debug("details", exc_info=True)
         result.exit_code = 1
     result.written = output.finish(partial=result.partial)

@@ -56,6 +56,10 @@ class KVCache:
         start, end = self.block_range(block)
         return self.data[:, :, start:end]
 
+    def copy_sink_from(self, other: "KVCache") -> None:
+        start, end = self.sink_range()
+        self.data[:, :, start:end] = other.data[:, :, start:end]
+
     def nbytes_per_block(self) -> int:
         return self.block_view(0).numel() * self.data.element_size()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 
 import torch
 
@@ -30,7 +31,7 @@ class BlockOutput:
         self.blocks = 0
         self.video_frames = 0
         self.latents: list[torch.Tensor] = []
-        self.block_times: list[float] = []  # arrival time of each block (perf_counter)
+        self.block_times: deque[float] = deque(maxlen=10_000)  # recent block arrival times; bounded
         self.decoder = None
         self.writer = None
         if cfg.output:

@@ -157,7 +157,8 @@ class DitRank:
         # One preallocated buffer for every KV broadcast (broadcast policy only).
         self.kv_buffer = None
         if self.caches and schedule.sync_group:
-            self.kv_buffer = next(iter(self.caches.values())).block_view(0).contiguous()
+            any_cache = next(iter(self.caches.values()))
+            self.kv_buffer = kv_sync.make_buffer(any_cache, *any_cache.block_range(0))
         self.recvs: dict[tuple[int, int], tuple] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -262,4 +263,7 @@ def _barrier(cfg: GenerationConfig) -> None:
     try:
         work.wait(timeout=timedelta(seconds=cfg.comm_timeout))
     except RuntimeError as e:
-        raise CommTimeout(f"rank {dist.get_rank()} waited {cfg.comm_timeout:g}s for the others to finish setup") from e
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            raise CommTimeout(
+                f"rank {dist.get_rank()} waited {cfg.comm_timeout:g}s for the others to finish setup") from e
+        raise RankFailure(f"rank {dist.get_rank()} lost a peer during setup (its own message says why)") from e

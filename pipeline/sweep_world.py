@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from pipeline.config import GenerationConfig, validate
 from pipeline.distributed import generate_distributed, init_distributed
+from pipeline.messages import error
 
 
 def main() -> int:
@@ -32,7 +33,7 @@ def main() -> int:
             cfg.save_latents = os.path.join(out_dir, f"{name}.pt")
         err = validate(cfg, world)
         if err:
-            print(f"[rank {os.environ['RANK']}] error: {err}", file=sys.stderr)
+            error(err, int(os.environ["RANK"]))
             return 2
         device = device or init_distributed(cfg)
         result = generate_distributed(cfg, device)

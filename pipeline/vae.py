@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from einops import rearrange
 
+from .checkpoints import checkpoint_root, realign
+
 TINY_VAE_CONFIG = dict(
     base_dim=4,
     z_dim=4,
@@ -31,15 +33,14 @@ def build_vae(path: str | None, seed: int, device="cpu", dtype=torch.float32) ->
     """A local diffusers-format checkpoint (``path``; a ``vae/`` subfolder is accepted) or the tiny config with
     weights drawn from ``seed``."""
     if path:
-        sub = os.path.join(path, "vae")
-        root = sub if os.path.isfile(os.path.join(sub, "config.json")) else path
-        vae = AutoencoderKLWan.from_pretrained(root, torch_dtype=dtype, local_files_only=True)
+        root = checkpoint_root(path, "vae")
+        vae = realign(AutoencoderKLWan.from_pretrained(root, local_files_only=True))
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
-        if dtype != torch.float32:
-            vae = vae.to(dtype)
+    if dtype != torch.float32:
+        vae = vae.to(dtype)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -49,9 +50,7 @@ def spatial_ratio_of(path: str | None) -> int:
         return 8
     import json
 
-    sub = os.path.join(path, "vae")
-    root = sub if os.path.isfile(os.path.join(sub, "config.json")) else path
-    with open(os.path.join(root, "config.json")) as f:
+    with open(os.path.join(checkpoint_root(path, "vae"), "config.json")) as f:
         cfg = json.load(f)
     return 8 * (cfg.get("patch_size") or 1)
 

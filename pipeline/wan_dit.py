@@ -14,7 +14,6 @@ Frame positions: the sink frame is position 0, block ``b`` covers ``1 + b*F .. 1
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,9 @@ import torch.nn as nn
 from diffusers import WanTransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+from .checkpoints import checkpoint_root, realign
 from .kv_cache import KVCache
+from .protocol import BlockSlot
 
 # Tiny default: a CPU forward of one block takes tens of milliseconds. Real checkpoints load via --transformer_path.
 TINY_TRANSFORMER_CONFIG = dict(
@@ -47,15 +48,14 @@ def build_transformer(path: str | None, seed: int, device="cpu", dtype=torch.flo
     """A local diffusers-format checkpoint (``path``; a ``transformer/`` subfolder is accepted) or the tiny
     config with weights drawn from ``seed`` (identical on every rank; the global RNG is left untouched)."""
     if path:
-        sub = os.path.join(path, "transformer")
-        root = sub if os.path.isfile(os.path.join(sub, "config.json")) else path
-        model = WanTransformer3DModel.from_pretrained(root, torch_dtype=dtype, local_files_only=True)
+        root = checkpoint_root(path, "transformer")
+        model = realign(WanTransformer3DModel.from_pretrained(root, local_files_only=True))
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
-        if dtype != torch.float32:
-            model = model.to(dtype)
+    if dtype != torch.float32:
+        model = model.to(dtype)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -155,7 +155,7 @@ class FrameOffsetRotaryPosEmbed(nn.Module):
 
 
 class WanBlockCausalDiT:
-    """The block denoiser the runtime talks to: one call per (block, step).
+    """diffusers' Wan as a :class:`pipeline.protocol.BlockDenoiser`: one call per (block, step).
 
     Latents are ``[C, F, H, W]`` (no batch axis); the timestep is a ``[1]`` tensor from
     :class:`scheduler_utils.StepTable`; ``context`` is ``[1, tokens, text_dim]``.
@@ -204,18 +204,10 @@ class WanBlockCausalDiT:
 
     @torch.no_grad()
     def velocity(
-        self, latent: torch.Tensor, timestep: torch.Tensor, cache: KVCache, block: int, context: torch.Tensor
+        self, latent: torch.Tensor, timestep: torch.Tensor, cache: KVCache, slot: BlockSlot, context: torch.Tensor
     ) -> torch.Tensor:
-        """Flow-matching velocity for block ``block`` (``[C, F, H, W]``); writes the block's slot in ``cache``."""
-        return self._forward(
-            latent,
-            timestep,
-            cache,
-            cache.block_range(block),
-            cache.visible_tokens(block),
-            frame_offset=1 + block * self.frames_per_block,
-            context=context,
-        )
+        """Flow-matching velocity ``[C, F, H, W]`` for the block at ``slot``; writes the slot in ``cache``."""
+        return self._forward(latent, timestep, cache, (slot.start, slot.end), slot.visible, slot.frame_offset, context)
 
     def _forward(self, latent, timestep, cache, write, visible, frame_offset, context):
         self._target.cache, self._target.write, self._target.visible = cache, write, visible

@@ -8,6 +8,7 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 from helpers import ROOT  # noqa: F401  (puts the project on sys.path)
 from pipeline.kv_cache import KVCache
+from pipeline.protocol import slot_for
 from pipeline.vae import StreamingDecoder, build_vae, to_uint8_frames
 from pipeline.wan_dit import TINY_TRANSFORMER_CONFIG, WanBlockCausalDiT, build_transformer, seeded_context
 from scheduler_utils import StepTable, make_scheduler
@@ -83,12 +84,12 @@ def test_block_writes_its_slot_and_reads_history():
     dit.prefill(cache, torch.randn(4, 1, 8, 8, generator=g), ctx)
     x = torch.randn(4, 2, 8, 8, generator=g)
     t = torch.tensor([500.0])
-    v0 = dit.velocity(x, t, cache, 0, ctx)
+    v0 = dit.velocity(x, t, cache, slot_for(cache, 0, 2), ctx)
     slot0 = cache.block_view(0).clone()
     assert slot0.abs().sum() > 0 and cache.block_view(1).abs().sum() == 0
-    v1 = dit.velocity(x, t, cache, 1, ctx)
+    v1 = dit.velocity(x, t, cache, slot_for(cache, 1, 2), ctx)
     assert not torch.equal(v0, v1)  # same input, different position and history
-    dit.velocity(x, t, cache, 2, ctx)
+    dit.velocity(x, t, cache, slot_for(cache, 2, 2), ctx)
     assert cache.block_range(2) == cache.block_range(0) and not torch.equal(cache.block_view(0), slot0)
 
 

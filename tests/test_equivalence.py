@@ -27,7 +27,16 @@ def sweep_configs(n):
         configs += [dict(name=f"long-{p}", kv_sync=p, **LONG) for p in POLICIES]
     if n == 2:
         configs += [dict(name="stale", **STALE)]
+    if n in UPSTREAM_STEPS:
+        configs += [dict(name=f"upstream-n{n}-{p}", kv_sync=p, **upstream_cfg(n)) for p in POLICIES]
     return configs
+
+
+UPSTREAM_STEPS = {2: 5, 3: 7}  # S > N, not a multiple
+
+
+def upstream_cfg(n):
+    return dict(model="upstream_standin", num_gpus_dit=n, sample_steps=UPSTREAM_STEPS[n], **BASE)
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +104,14 @@ def test_runtime_ran_exactly_the_schedule(sweep, n):
                 assert ran == [(a.kind, a.block, a.step, a.peer) for a in lists[rank]], (steps, policy, rank)
             vae = stats["timelines"][str(n)]
             assert [r[1] for r in vae if r[0] == "decode"] == list(range(BASE["num_blocks"]))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("n", sorted(UPSTREAM_STEPS))
+def test_upstream_convention_adapter_equals_reference(sweep, n, policy):
+    """A model with the upstream calling convention and cache layout (list of per-layer dicts), through the
+    adapter: bit-identical to its single-process run, and its cache really is read (policies differ)."""
+    got = load_latents(sweep / f"upstream-n{n}-{policy}.pt")
+    assert torch.equal(got, reference_latents(kv_sync=policy, **upstream_cfg(n)))
+    other = "broadcast" if policy == "per_step" else "per_step"
+    assert not torch.equal(got, reference_latents(kv_sync=other, **upstream_cfg(n)))
