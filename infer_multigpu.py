@@ -29,21 +29,20 @@ def fail(rank: int | None, message: str, code: int = 2) -> int:
 
 
 def run_reference(cfg: GenerationConfig) -> int:
-    from pipeline.components import load_components
+    """One process: a loop over the Python API's generator that writes the outputs."""
+    from pipeline.api import stream
     from pipeline.distributed import build_stats, write_json_atomic
     from pipeline.output import BlockOutput
-    from pipeline.reference import reference_blocks, reference_caches
     from pipeline.runtime import Interrupted, StopRequest
 
     device = torch.device("cuda" if cfg.device == "cuda" else "cpu")
-    comps = load_components(cfg, device)
-    output = BlockOutput(cfg, device)
-    caches = reference_caches(cfg, comps)  # setup stays out of generation_seconds, as on the ranks
-    start, partial, code = time.perf_counter(), True, 0
+    output = BlockOutput(cfg, device, decode=False)
+    blocks = stream(cfg, decode=cfg.output is not None)  # setup (models, cache prefill) happens here
+    partial, code, start = True, 0, time.perf_counter()
     try:
-        for block, latent in reference_blocks(cfg, comps, caches):
-            output.add(block, latent)
+        for block in blocks:
             StopRequest.check()
+            output.add(block.index, block.latent, block.frames)
         partial = False
     except Interrupted as e:
         code = e.exit_code

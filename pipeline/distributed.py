@@ -16,7 +16,8 @@ from .components import block_shape, load_components
 from .config import GenerationConfig
 from .messages import error, say
 from .output import BlockOutput
-from .runtime import CommTimeout, DitRank, Interrupted, RankFailure, RankStats, StopRequest, run_vae_rank
+from .report import format_report, summarize
+from .runtime import CommTimeout, DitRank, Interrupted, RankFailure, RankStats, StopRequest, receive_blocks
 from .schedule import Schedule
 
 log = logging.getLogger("tpp")
@@ -89,29 +90,40 @@ def build_stats(cfg: GenerationConfig, seconds: float, output: BlockOutput, rank
     }
 
 
+def prepare(cfg: GenerationConfig):
+    """The schedule and the KV process group (every rank must create the group, in the same order)."""
+    schedule = Schedule(cfg.num_gpus_dit, cfg.sample_steps, None if cfg.endless else cfg.num_blocks, cfg.kv_sync,
+                        cfg.schedule, cfg.max_inflight or None)
+    kv_group = dist.new_group(schedule.sync_group) if schedule.sync_group else None
+    if dist.get_rank() == 0:
+        log.info(schedule.describe())
+    return schedule, kv_group
+
+
+def finish_dit_rank(cfg: GenerationConfig, device, schedule: Schedule, kv_group) -> RunResult:
+    """A DiT rank's whole part: build, prefill, follow the list, send its stats to the VAE rank."""
+    rank = dist.get_rank()
+    stats = RankStats(rank, "dit")
+    try:
+        try:
+            comps = load_components(cfg, device)
+        except Exception as e:  # a checkpoint that will not load, out of memory, ...
+            raise RankFailure(f"rank {rank} failed during setup: {type(e).__name__}: {e}") from e
+        DitRank(rank, cfg, comps, schedule, kv_group, stats).run()
+    except (CommTimeout, RankFailure) as e:
+        error(str(e), rank)
+        log.debug("details", exc_info=True)
+        return RunResult(exit_code=1, partial=True)
+    gather_stats(stats, schedule.vae_rank)
+    return RunResult()
+
+
 def generate_distributed(cfg: GenerationConfig, device: torch.device) -> RunResult:
     """Run one generation. Every rank of the world calls this with the same ``cfg`` (world size N + 1).
     The VAE rank's result carries the outputs and stats; DiT ranks return an empty result."""
-    rank, n = dist.get_rank(), cfg.num_gpus_dit
-    schedule = Schedule(n, cfg.sample_steps, None if cfg.endless else cfg.num_blocks, cfg.kv_sync,
-                        cfg.schedule, cfg.max_inflight or None)
-    kv_group = dist.new_group(schedule.sync_group) if schedule.sync_group else None  # every rank must call it
-    if rank == 0:
-        log.info(schedule.describe())
-    if rank < n:
-        stats = RankStats(rank, "dit")
-        try:
-            try:
-                comps = load_components(cfg, device)
-            except Exception as e:  # a checkpoint that will not load, out of memory, ...
-                raise RankFailure(f"rank {rank} failed during setup: {type(e).__name__}: {e}") from e
-            DitRank(rank, cfg, comps, schedule, kv_group, stats).run()
-        except (CommTimeout, RankFailure) as e:
-            error(str(e), rank)
-            log.debug("details", exc_info=True)
-            return RunResult(exit_code=1, partial=True)
-        _gather(stats, n)
-        return RunResult()
+    schedule, kv_group = prepare(cfg)
+    if dist.get_rank() < cfg.num_gpus_dit:
+        return finish_dit_rank(cfg, device, schedule, kv_group)
     return _vae_rank(cfg, device, schedule)
 
 
@@ -124,9 +136,9 @@ def _vae_rank(cfg: GenerationConfig, device, schedule: Schedule) -> RunResult:
         error(f"rank {rank} failed during setup: {type(e).__name__}: {e}", rank)
         return RunResult(exit_code=1, partial=True)
     result = RunResult(partial=True, output=output)
-    seconds = 0.0
     try:
-        seconds = run_vae_rank(cfg, block_shape(cfg), device, torch.float32, schedule, stats, output)
+        for block, latent in receive_blocks(cfg, block_shape(cfg), device, torch.float32, schedule, stats):
+            output.add(block, latent)
         result.partial = False
     except Interrupted as e:
         say(f"interrupted ({e}) after {output.blocks} blocks: finalising outputs", rank)
@@ -141,12 +153,15 @@ def _vae_rank(cfg: GenerationConfig, device, schedule: Schedule) -> RunResult:
         log.debug("details", exc_info=True)
         result.exit_code = 1
     result.written = output.finish(partial=result.partial)
+    seconds = stats.generation_seconds
     summaries, timelines = [stats.summary()], {rank: stats.timeline}
     if not result.partial:
-        gathered = _gather(stats, n)
+        gathered = gather_stats(stats, n)
         summaries = [g["summary"] for g in gathered]
         timelines = {g["summary"]["rank"]: g["timeline"] for g in gathered}
     result.stats = build_stats(cfg, seconds, output, summaries, result.partial)
+    if not result.partial:
+        result.stats["summary"] = summarize(result.stats, timelines, n)
     result.stats["timelines"] = timelines
     if cfg.stats_json:
         write_json_atomic({k: v for k, v in result.stats.items() if k != "timelines"}, cfg.stats_json)
@@ -161,11 +176,11 @@ def _vae_rank(cfg: GenerationConfig, device, schedule: Schedule) -> RunResult:
     for k, v in result.written.items():
         log.info("wrote %s: %s%s", k, v, " (partial)" if result.partial else "")
     if not result.partial:
-        log.info("%d blocks in %.2fs: %.2f blocks/s", output.blocks, seconds, output.blocks / max(seconds, 1e-9))
+        log.info("%s", format_report(result.stats["summary"], output.blocks, output.video_frames, seconds))
     return result
 
 
-def _gather(stats: RankStats, vae_rank: int):
+def gather_stats(stats: RankStats, vae_rank: int):
     payload = {"summary": stats.summary(), "timeline": stats.timeline}
     out = [None] * dist.get_world_size() if dist.get_rank() == vae_rank else None
     dist.gather_object(payload, out, dst=vae_rank)

@@ -25,7 +25,9 @@ def atomic_torch_save(obj, path: str) -> None:
 
 
 class BlockOutput:
-    def __init__(self, cfg: GenerationConfig, device, progress: bool = True, keep_latents: bool | None = None):
+    def __init__(self, cfg: GenerationConfig, device, progress: bool = True, keep_latents: bool | None = None,
+                 decode: bool = True):
+        """``decode=False``: the caller hands in decoded frames with each block (see :func:`add`)."""
         self.cfg = cfg
         self.keep_latents = bool(cfg.save_latents) if keep_latents is None else keep_latents
         self.blocks = 0
@@ -35,7 +37,8 @@ class BlockOutput:
         self.decoder = None
         self.writer = None
         if cfg.output:
-            self.decoder = StreamingDecoder(build_vae(cfg.vae_path, cfg.base_seed, device=device))
+            if decode:
+                self.decoder = StreamingDecoder(build_vae(cfg.vae_path, cfg.base_seed, device=device))
             self.writer = Mp4Writer(cfg.output, cfg.height, cfg.width, fps=cfg.fps)
         self.bar = None
         if progress:
@@ -45,13 +48,16 @@ class BlockOutput:
             self.bar = tqdm(total=total, unit="block", desc="blocks", dynamic_ncols=True)
         self._started = time.perf_counter()
 
-    def add(self, block: int, latent: torch.Tensor) -> None:
+    def add(self, block: int, latent: torch.Tensor, frames=None) -> None:
+        """Block ``block`` (in order): keep its latent if asked, decode it (unless ``frames`` are given) and
+        append its frames to the mp4."""
         if block != self.blocks:
             raise RuntimeError(f"block {block} arrived out of order (expected {self.blocks})")
         if self.keep_latents:
             self.latents.append(latent.detach().to("cpu", torch.float32))
-        if self.decoder is not None:
-            frames = to_uint8_frames(self.decoder.decode(latent))
+        if self.writer is not None:
+            if frames is None:
+                frames = to_uint8_frames(self.decoder.decode(latent))
             self.writer.append(frames)
             self.video_frames += len(frames)
         self.blocks += 1
@@ -74,7 +80,8 @@ class BlockOutput:
             path = self.writer.close()
             if path:
                 written["output"] = path
-            self.decoder.close()
+            if self.decoder is not None:
+                self.decoder.close()
         if self.cfg.save_latents and self.latents:
             payload = self.all_latents()
             if partial:

@@ -71,6 +71,7 @@ class RankStats:
     # (kind, block, step, peer, start, end) relative to the post-setup barrier; capped for endless streams
     timeline: list = field(default_factory=list)
     timeline_cap: int = 50_000  # ~5 MB; keeps memory flat on endless streams
+    generation_seconds: float = 0.0  # VAE rank: barrier -> last block handled
 
     def record(self, a: Action, start: float, end: float, t0: float) -> None:
         if len(self.timeline) < self.timeline_cap:
@@ -211,11 +212,13 @@ class DitRank:
             raise RuntimeError(f"a DiT rank cannot run {a}")
 
 
-def run_vae_rank(cfg: GenerationConfig, comps_shape, device, dtype, schedule: Schedule, stats: RankStats, output):
-    """Receive finished blocks (thread) and hand them to ``output`` in order (main thread). Returns the
-    generation seconds measured from the post-setup barrier until the last block is written."""
+def receive_blocks(cfg: GenerationConfig, shape, device, dtype, schedule: Schedule, stats: RankStats):
+    """VAE rank: yield ``(block, latent)`` in order as blocks arrive (a thread receives, so the consumer's
+    decoding overlaps the next receive). Time the consumer spends between yields is this rank's busy time;
+    when the stream ends, ``stats.generation_seconds`` holds the time since the post-setup barrier."""
     rank = schedule.vae_rank
-    comm = Comm(rank, cfg.comm_timeout, stats)
+    # The receiving thread's waits overlap decoding; the rank's wait is the main thread's wait for a block.
+    comm = Comm(rank, cfg.comm_timeout, RankStats(rank, "vae-receiver"))
     arrivals: queue.Queue = queue.Queue(maxsize=4)  # bounded: a slow decoder holds the ring back, not memory
     _barrier(cfg)
     t0 = time.perf_counter()
@@ -226,7 +229,7 @@ def run_vae_rank(cfg: GenerationConfig, comps_shape, device, dtype, schedule: Sc
             for a in schedule.actions(rank):
                 start = time.perf_counter()
                 if a.kind == "recv":
-                    pending[a.block] = comm.post_recv(a, comps_shape, device, dtype)
+                    pending[a.block] = comm.post_recv(a, shape, device, dtype)
                 elif a.kind == "decode":
                     latent = comm.wait_recv(pending.pop(a.block), "to decode it")
                     stats.record(Action("recv", a.block, a.step, a.peer), start, time.perf_counter(), t0)
@@ -239,10 +242,13 @@ def run_vae_rank(cfg: GenerationConfig, comps_shape, device, dtype, schedule: Sc
     threading.Thread(target=receive, name="vae-recv", daemon=True).start()
     while True:
         StopRequest.check()
+        begin = time.perf_counter()
         try:
             item = arrivals.get(timeout=0.2)  # a timed get keeps Ctrl-C responsive
         except queue.Empty:
             continue
+        finally:
+            stats.wait_seconds += time.perf_counter() - begin
         if item is None:
             break
         if isinstance(item, BaseException):
@@ -250,11 +256,11 @@ def run_vae_rank(cfg: GenerationConfig, comps_shape, device, dtype, schedule: Sc
         block, latent = item
         maybe_fail(rank, block)
         start = time.perf_counter()
-        output.add(block, latent)
+        yield block, latent
         end = time.perf_counter()
         stats.busy_seconds += end - start
         stats.record(Action("decode", block, cfg.sample_steps - 1), start, end, t0)
-    return time.perf_counter() - t0
+        stats.generation_seconds = end - t0
 
 
 def _barrier(cfg: GenerationConfig) -> None:

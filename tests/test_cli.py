@@ -41,6 +41,19 @@ def test_mp4_stats_trace_and_recorded_order(tmp_path):
     assert [r["bytes_sent"]["latent"] for r in s["ranks"]] == [2 * 4 * latent_bytes, 2 * 4 * latent_bytes, 0]
     assert all(r["bytes_sent"]["kv"] == 0 for r in s["ranks"])  # per_step moves no KV
 
+    # The run report on stderr shows the same figures as the JSON summary.
+    summary = s["summary"]
+    assert summary["blocks_per_second"] == s["blocks_per_second"]
+    assert abs(summary["frames_per_second"] - 29 / s["generation_seconds"]) < 1e-6
+    assert 0 < summary["time_to_first_block_seconds"] <= s["generation_seconds"]
+    assert 0 < summary["block_latency_p50_seconds"] <= summary["block_latency_p95_seconds"] <= s["generation_seconds"]
+    report = proc.stderr[proc.stderr.index("run report:"):]
+    assert f"{s['blocks_per_second']:.2f} blocks/s" in report and f"{summary['frames_per_second']:.1f} frames/s" in report
+    assert f"p50 {summary['block_latency_p50_seconds'] * 1000:.0f} ms" in report
+    for r in summary["ranks"]:
+        row = next(ln for ln in report.splitlines() if ln.split()[:2] == [str(r["rank"]), r["role"]])
+        assert f"{r['busy_pct']:5.1f}%" in row and f"{r['wait_pct']:5.1f}%" in row
+
     events = json.loads(trace.read_text())["traceEvents"]
     assert {e["tid"] for e in events if e["ph"] == "X"} == {0, 1, 2}
     assert (tmp_path / "trace.png").stat().st_size > 10_000
