@@ -43,6 +43,11 @@ class Components:
                 cache.copy_sink_from(first)
         return caches
 
+    def refresh_sink(self, cache: KVCache, sink: torch.Tensor) -> None:
+        """Rolling sink: overwrite the cache's sink with ``sink`` ``[C, 1, h, w]`` (history slots untouched)."""
+        if not self.simulate_step_s:
+            self.dit.prefill(cache, sink, self.context)
+
     def denoise_step(self, cache: KVCache, block: int, step: int, latent: torch.Tensor) -> torch.Tensor:
         """Step ``step`` of block ``block``: one DiT forward (reads and writes ``cache``) and one Euler step.
         The reference loop and every DiT rank call exactly this."""

@@ -31,6 +31,7 @@ class GenerationConfig:
     sample_shift: float = 5.0
     schedule: str = "looped"
     max_inflight: int = 0  # 0 = automatic
+    sink_refresh_block: int = 0  # 0 = keep the reference frame as sink forever
     output: str | None = None
     save_latents: str | None = None
     stats_json: str | None = None
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blocks of history each cache keeps (plus the sink); older blocks roll out")
     k.add_argument("--schedule", default=d.schedule, choices=ORDERS,
                    help="looped: every rank busy (earliest block first); blockwise: the PR's block-by-block loop")
+    k.add_argument("--sink_refresh_block", type=int, default=d.sink_refresh_block,
+                   help="rolling sink: from this block on, the sink is block 0's last latent frame (0 = off)")
     k.add_argument("--max_inflight", type=int, default=d.max_inflight, help="blocks in flight at once; 0 = auto")
     o = p.add_argument_group("outputs")
     o.add_argument("--output", default=d.output, help="mp4 path; frames are appended as blocks finish "
@@ -189,6 +192,8 @@ def validate(cfg: GenerationConfig, world_size: int | None) -> str | None:
         return f"--frames_per_block must be >= 1, got {cfg.frames_per_block}"
     if cfg.kv_cache_blocks < 1:
         return f"--kv_cache_blocks must be >= 1, got {cfg.kv_cache_blocks}"
+    if cfg.sink_refresh_block < 0:
+        return f"--sink_refresh_block must be >= 1 (or 0 for off), got {cfg.sink_refresh_block}"
     if cfg.max_inflight < 0:
         return f"--max_inflight must be >= 0, got {cfg.max_inflight}"
     if cfg.kv_sync not in kv_sync.POLICIES:

@@ -93,7 +93,7 @@ def build_stats(cfg: GenerationConfig, seconds: float, output: BlockOutput, rank
 def prepare(cfg: GenerationConfig):
     """The schedule and the KV process group (every rank must create the group, in the same order)."""
     schedule = Schedule(cfg.num_gpus_dit, cfg.sample_steps, None if cfg.endless else cfg.num_blocks, cfg.kv_sync,
-                        cfg.schedule, cfg.max_inflight or None)
+                        cfg.schedule, cfg.max_inflight or None, cfg.sink_refresh_block)
     kv_group = dist.new_group(schedule.sync_group) if schedule.sync_group else None
     if dist.get_rank() == 0:
         log.info(schedule.describe())

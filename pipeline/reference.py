@@ -30,8 +30,14 @@ def reference_blocks(cfg: GenerationConfig, comps: Components, caches: dict | No
     n, steps = cfg.num_gpus_dit, cfg.sample_steps
     caches = caches if caches is not None else reference_caches(cfg, comps)
     blocks = itertools.count() if cfg.endless else range(cfg.num_blocks)
+    new_sink = None
     for b in blocks:
+        if cfg.sink_refresh_block and b == cfg.sink_refresh_block:
+            for cache in caches.values():  # rolling sink: every cache, at this block boundary
+                comps.refresh_sink(cache, new_sink)
         x = comps.noise(b)
         for i in range(steps):
             x = comps.denoise_step(caches[kv_sync.cache_key(cfg.kv_sync, i, n)], b, i, x)
+        if b == 0:
+            new_sink = x[:, -1:].clone()  # block 0's last latent frame
         yield b, x

@@ -23,7 +23,7 @@ import kv_sync
 from .components import Components
 from .config import GenerationConfig
 from .faults import maybe_fail
-from .schedule import Action, Schedule
+from .schedule import SINK, Action, Schedule
 
 
 class CommTimeout(RuntimeError):
@@ -86,6 +86,11 @@ class RankStats:
             "bytes_sent": {"latent": self.bytes_latent, "kv": self.bytes_kv},
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+
+
+def sink_shape(block_shape) -> tuple:
+    c, _, h, w = block_shape
+    return (c, 1, h, w)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -158,10 +163,15 @@ class DitRank:
         # One preallocated buffer for every KV broadcast (broadcast policy only).
         self.kv_buffer = None
         if self.caches and schedule.sync_group:
-            any_cache = next(iter(self.caches.values()))
-            self.kv_buffer = kv_sync.make_buffer(any_cache, *any_cache.block_range(0))
+            replica = next(iter(self.caches.values()))
+            self.kv_buffer = kv_sync.make_buffer(replica, *replica.block_range(0))
+            # Once, not per step: every replica's conditioning/sink equal to rank 0's, even if ranks computed
+            # their prefill on hardware that rounds differently.
+            stats.bytes_kv += kv_sync.broadcast_conditioning(replica, schedule.sync_group[0], kv_group,
+                                                             cfg.comm_timeout)
         self.recvs: dict[tuple[int, int], tuple] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.new_sink: torch.Tensor | None = None  # rolling sink, once received
 
     def run(self) -> None:
         """Wait until every rank is set up, then follow ``schedule.actions(rank)``."""
@@ -182,7 +192,14 @@ class DitRank:
     def execute(self, a: Action) -> None:
         comps, stats = self.comps, self.stats
         if a.kind == "recv":
-            self.recvs[(a.block, a.step)] = self.comm.post_recv(a, comps.block_shape, comps.device, comps.dit.dtype)
+            shape = comps.block_shape if a.step != SINK else sink_shape(comps.block_shape)
+            self.recvs[(a.block, a.step)] = self.comm.post_recv(a, shape, comps.device, comps.dit.dtype)
+        elif a.kind == "refresh":
+            if self.new_sink is None:
+                self.new_sink = self.comm.wait_recv(self.recvs.pop((0, SINK)), "the rolling sink frame")
+            begin = time.perf_counter()
+            comps.refresh_sink(self.caches[a.step], self.new_sink)
+            stats.busy_seconds += time.perf_counter() - begin
         elif a.kind == "compute":
             maybe_fail(self.rank, a.block, a.step)
             if a.step == 0:
@@ -225,15 +242,20 @@ def receive_blocks(cfg: GenerationConfig, shape, device, dtype, schedule: Schedu
 
     def receive():
         try:
-            pending = {}
+            pending, sink = {}, None
             for a in schedule.actions(rank):
                 start = time.perf_counter()
                 if a.kind == "recv":
                     pending[a.block] = comm.post_recv(a, shape, device, dtype)
+                elif a.kind == "send" and a.step == SINK:
+                    comm.isend(a, sink)  # rolling sink to DiT rank a.peer
                 elif a.kind == "decode":
                     latent = comm.wait_recv(pending.pop(a.block), "to decode it")
+                    if a.block == 0:
+                        sink = latent[:, -1:].contiguous()  # block 0's last latent frame
                     stats.record(Action("recv", a.block, a.step, a.peer), start, time.perf_counter(), t0)
                     arrivals.put((a.block, latent))
+            comm.flush()
         except BaseException as e:  # handed to the main thread, which reports it
             arrivals.put(e)
         else:

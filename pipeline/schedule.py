@@ -10,6 +10,8 @@ Actions (``Action.block``/``Action.step`` name the latent the action is about):
     recv(b, i, peer)     post an irecv for the output of step ``i`` from ``peer`` (never blocks)
     sync(b, i, peer)     the KV broadcast after step ``i`` of block ``b``, rooted at ``peer`` (``broadcast`` policy)
     decode(b)            VAE rank: wait for recv(b, S-1) and emit the block
+    send/recv(0, SINK)   rolling sink: the VAE rank sends block 0's last latent frame to each DiT rank
+    refresh(R, k)        re-prefill cache ``k`` with that frame, just before its first step of a block >= R
 
 Why the lists cannot deadlock. Sends and receive posts never block; a compute waits only for a message whose
 send comes earlier in some rank's list; collectives appear in the same global order on every rank of the sync
@@ -40,6 +42,7 @@ from typing import Iterator
 import kv_sync
 
 ORDERS = ("looped", "blockwise")
+SINK = -1  # Action.step of the rolling-sink message (VAE -> DiT ranks)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Schedule:
         policy: str = "per_step",
         order: str = "looped",
         max_inflight: int | None = None,
+        sink_refresh_block: int = 0,
     ):
         kv_sync.check_policy(policy)
         if order not in ORDERS:
@@ -72,6 +76,9 @@ class Schedule:
         self.num_dit, self.num_steps, self.num_blocks = num_dit, num_steps, num_blocks
         self.policy, self.order = policy, order
         self.vae_rank = num_dit
+        # Rolling sink: from block R on, caches hold a sink taken from block 0's output (0 = never).
+        self.sink_refresh_block = sink_refresh_block
+        self.refreshes = sink_refresh_block > 0 and (num_blocks is None or sink_refresh_block < num_blocks)
         self.sync_group = kv_sync.sync_ranks(policy, num_steps, num_dit)
         if len(self.sync_group) < 2:
             self.sync_group = []  # nothing to keep coherent with a single replica
@@ -102,9 +109,13 @@ class Schedule:
         cursor = [0] * N  # blockwise: index into rank's fixed sequence
         total = self.num_blocks
 
+        refreshed = [set() for _ in range(N)]  # rank -> cache keys already holding the new sink
+
         def deps_done(b: int, i: int) -> bool:
             if progress.get(b, 0) != i:
                 return False
+            if self.refreshes and b >= self.sink_refresh_block and finished_upto < 1:
+                return False  # the new sink comes from block 0
             if b == 0 or (b - 1) not in progress:
                 return True  # no block before, or block b-1 finished and retired
             done_prev = progress[b - 1]
@@ -126,6 +137,11 @@ class Schedule:
                         yield t, g, Action("sync", b, i, r)
                 if i + 1 == S:
                     yield t, self.vae_rank, Action("decode", b, i)
+                    if b == 0 and self.refreshes:
+                        # Point to point, VAE -> each DiT rank holding caches: no collective to mismatch.
+                        for g in range(min(N, S)):
+                            yield t, self.vae_rank, Action("send", 0, SINK, g)
+                            yield t, g, Action("recv", 0, SINK, self.vae_rank)
             while finished_upto in progress and progress[finished_upto] == S:
                 if finished_upto - 1 in progress:
                     del progress[finished_upto - 1]
@@ -141,6 +157,10 @@ class Schedule:
                 task = self._pick(r, progress, deps_done, cursor)
                 if task is not None:
                     running[r] = task
+                    key = self._keys[task[1]]
+                    if self.refreshes and task[0] >= self.sink_refresh_block and key not in refreshed[r]:
+                        refreshed[r].add(key)
+                        yield t, r, Action("refresh", self.sink_refresh_block, key)
                     yield t, r, Action("compute", task[0], task[1])
 
     def _pick(self, rank, progress, deps_done, cursor):

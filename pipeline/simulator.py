@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import kv_sync
 
-from .schedule import Action
+from .schedule import SINK, Action
 
 
 @dataclass
@@ -50,6 +50,7 @@ def simulate(
     cost: CostModel | None = None,
     sync_group: list[int] | None = None,
     rendezvous: bool = False,
+    sink_refresh_block: int = 0,
 ) -> SimResult:
     """Run ``lists`` (rank -> actions). ``rendezvous=True`` is the strictest transport: every send and receive
     post blocks its rank until the peer reaches the matching operation, as when all of a rank's point-to-point
@@ -66,6 +67,8 @@ def simulate(
     arrived: dict[int, dict[tuple[int, int], float]] = defaultdict(dict)  # rank -> message -> arrival time
     has_kv: dict[int, set] = defaultdict(set)  # rank -> {(block, step)} whose cache writes it holds
     group = sorted(sync_group or [])
+    sink_arrival: dict[int, dict] = defaultdict(dict)  # rank -> the rolling-sink message, once received
+    refreshed: dict[int, set] = defaultdict(set)  # rank -> cache keys holding the new sink
     sends_issued: dict[tuple[int, int], int] = defaultdict(int)  # channel -> sends so far
     recvs_posted: dict[tuple[int, int], int] = defaultdict(int)  # channel -> receive posts so far
     registered: dict[int, int] = {}  # rank -> position whose p2p op is registered but not yet released
@@ -102,6 +105,16 @@ def simulate(
                 partner = sends_issued[chan] if a.kind == "recv" else recvs_posted[chan]
                 if partner < res.seq[(r, pos[r])]:
                     return False  # blocked until the peer reaches the matching operation
+        elif a.kind == "refresh":
+            if (0, SINK) not in sink_arrival[r]:
+                if (0, SINK) not in arrived[r]:
+                    return False
+                sink_arrival[r][(0, SINK)] = arrived[r].pop((0, SINK))
+            start = max(now, sink_arrival[r][(0, SINK)])
+            refreshed[r].add(a.step)
+            res.timeline.append((r, a, start, start + cost.step))
+            res.busy[r] += cost.step
+            clock[r] = start + cost.step
         elif a.kind in ("compute", "decode"):
             msg = (a.block, a.step - 1) if a.kind == "compute" else (a.block, a.step)
             start = now
@@ -110,6 +123,8 @@ def simulate(
                     return False
                 start = max(now, arrived[r].pop(msg))
             if a.kind == "compute":
+                if sink_refresh_block and a.block >= sink_refresh_block and keys[a.step] not in refreshed[r]:
+                    raise _SimError(f"rank {r} runs {a} with the old sink in cache {keys[a.step]}")
                 if a.block > 0:
                     missing = [j for j in writers[a.step] if (a.block - 1, j) not in has_kv[r]]
                     if missing:

@@ -80,6 +80,10 @@ class UpstreamConventionAdapter:
 
     @torch.no_grad()
     def prefill(self, cache: UpstreamKVCache, sink_latent: torch.Tensor, context) -> None:
+        """Fill (or, for a rolling sink, refill) the conditioning entries: by the convention, a call made while
+        ``cond_end == 0`` is the prefill."""
+        for layer in cache.layers:
+            layer["cond_end"] = 0
         self.model(x=[sink_latent], t=torch.zeros(1, 1, device=self.device), context=context,
                    kv_cache=cache.layers, current_start=0, current_end=self.tokens_per_frame)
 

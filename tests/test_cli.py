@@ -76,6 +76,7 @@ def test_broadcast_counts_kv_bytes(tmp_path):
     s = json.loads(stats.read_text())
     # slot = layers x (k, v) x block tokens x heads x head_dim x 4 bytes; tiny model: 6 x 2 x (2*4*4) x 4 x 32 x 4
     slot = 6 * 2 * 32 * 4 * 32 * 4
+    sink = 6 * 2 * 16 * 4 * 32 * 4  # the sink tokens, synced once from rank 0 after prefill
     kv = [r["bytes_sent"]["kv"] for r in s["ranks"]]
     # steps 0,3 on rank 0, 1,4 on rank 1, 2 on rank 2; each broadcast reaches the 2 other DiT ranks; 2 blocks
-    assert kv == [2 * 2 * 2 * slot, 2 * 2 * 2 * slot, 2 * 1 * 2 * slot, 0]
+    assert kv == [2 * 2 * 2 * slot + 2 * sink, 2 * 2 * 2 * slot, 2 * 1 * 2 * slot, 0]

@@ -29,7 +29,16 @@ def sweep_configs(n):
         configs += [dict(name="stale", **STALE)]
     if n in UPSTREAM_STEPS:
         configs += [dict(name=f"upstream-n{n}-{p}", kv_sync=p, **upstream_cfg(n)) for p in POLICIES]
+        configs += [dict(name=f"sink-n{n}-{p}-{m}", kv_sync=p, **sink_cfg(n, m)) for p in POLICIES for m in MODELS]
     return configs
+
+
+MODELS = ("wan", "upstream_standin")
+
+
+def sink_cfg(n, model):
+    return dict(model=model, num_gpus_dit=n, sample_steps=UPSTREAM_STEPS[n], sink_refresh_block=2,
+                **{**BASE, "num_blocks": 4})
 
 
 UPSTREAM_STEPS = {2: 5, 3: 7}  # S > N, not a multiple
@@ -115,3 +124,18 @@ def test_upstream_convention_adapter_equals_reference(sweep, n, policy):
     assert torch.equal(got, reference_latents(kv_sync=policy, **upstream_cfg(n)))
     other = "broadcast" if policy == "per_step" else "per_step"
     assert not torch.equal(got, reference_latents(kv_sync=other, **upstream_cfg(n)))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("n", sorted(UPSTREAM_STEPS))
+def test_rolling_sink_refresh_equals_reference(sweep, n, policy, model):
+    """From block 2 on every cache's sink is block 0's last latent frame, sent by the VAE rank point to point and
+    re-prefilled per cache at the block boundary: bit-identical to the reference, and it changes the video."""
+    got = load_latents(sweep / f"sink-n{n}-{policy}-{model}.pt")
+    cfg = sink_cfg(n, model)
+    assert torch.equal(got, reference_latents(kv_sync=policy, **cfg))
+    unrefreshed = reference_latents(kv_sync=policy, **{**cfg, "sink_refresh_block": 0})
+    f = BASE["frames_per_block"]
+    assert torch.equal(got[:, : 2 * f], unrefreshed[:, : 2 * f])
+    assert not torch.equal(got[:, 2 * f:], unrefreshed[:, 2 * f:])

@@ -133,3 +133,33 @@ def test_simulator_detects_mismatched_collectives():
     lists[1][syncs[0]] = Action("sync", 0, 1, 1)
     res = simulate(lists, 2, 4, "broadcast", sync_group=s.sync_group)
     assert not res.ok and ("mismatched" in res.error or "before rank" in res.error)
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_rolling_sink_refresh_lists_are_valid(n):
+    """The VAE rank's sink messages and each cache's refresh: no deadlock, no compute of a block >= R with the
+    old sink, under the strictest transport, both orders and policies."""
+    for steps, blocks, refresh in itertools.product(range(1, 11), range(1, 7), (1, 2, 3)):
+        for policy in POLICIES:
+            for order in ("looped", "blockwise"):
+                s = Schedule(n, steps, blocks, policy, order, sink_refresh_block=refresh)
+                res = simulate(s.rank_lists(), n, steps, policy, CostModel(), s.sync_group, rendezvous=True,
+                               sink_refresh_block=refresh)
+                assert res.ok, f"N={n} S={steps} B={blocks} R={refresh} {policy} {order}: {res.error}"
+                refreshes = sum(a.kind == "refresh" for lst in s.rank_lists().values() for a in lst)
+                expected = 0 if refresh >= blocks else len(kv_sync_keys(policy, n, steps))
+                assert refreshes == expected
+
+
+def kv_sync_keys(policy, n, steps):
+    import kv_sync
+
+    return [(r, k) for r in range(min(n, steps)) for k in kv_sync.caches_on_rank(policy, r, steps, n)]
+
+
+def test_simulator_detects_a_missing_refresh():
+    s = Schedule(2, 4, 4, "per_step", sink_refresh_block=2)
+    lists = s.rank_lists()
+    lists[0] = [a for a in lists[0] if not (a.kind == "refresh" and a.step == 2)]
+    res = simulate(lists, 2, 4, "per_step", sink_refresh_block=2)
+    assert not res.ok and "old sink" in res.error
