@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     except SystemExit as e:  # argparse printed its one line
         return int(e.code or 0)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from pipeline.memory import pin_malloc_thresholds
+
+    pin_malloc_thresholds()  # flat memory on long streams
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     if cfg.reference:
         err = validate(cfg, None)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import GenerationConfig, validate
+from .memory import pin_malloc_thresholds
 from .vae import StreamingDecoder, build_vae, to_uint8_frames
 
 
@@ -34,6 +35,7 @@ def stream(cfg: GenerationConfig | None = None, *, decode: bool = True, **overri
     """Set up now (models, caches, process group), then return an iterator of :class:`FrameBlock` in order.
     ``overrides`` are :class:`GenerationConfig` fields. Raises ``ValueError`` on invalid settings."""
     cfg = replace(cfg or GenerationConfig(), **overrides)
+    pin_malloc_thresholds()
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ and not cfg.reference
     err = validate(cfg, int(os.environ["WORLD_SIZE"]) if distributed else None)
     if err:

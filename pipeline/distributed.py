@@ -3,6 +3,7 @@ call it for a whole sweep of configurations, amortising process start-up)."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -54,7 +55,15 @@ def init_distributed(cfg: GenerationConfig) -> torch.device:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm_timeout), **kwargs)
+        # Tear the group down before the interpreter does: a process group destroyed during interpreter
+        # shutdown can abort the process ("terminate called without an active exception").
+        atexit.register(_destroy_if_initialized)
     return device
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def write_json_atomic(obj, path: str) -> None:

@@ -80,3 +80,23 @@ def test_broadcast_counts_kv_bytes(tmp_path):
     kv = [r["bytes_sent"]["kv"] for r in s["ranks"]]
     # steps 0,3 on rank 0, 1,4 on rank 1, 2 on rank 2; each broadcast reaches the 2 other DiT ranks; 2 blocks
     assert kv == [2 * 2 * 2 * slot + 2 * sink, 2 * 2 * 2 * slot, 2 * 1 * 2 * slot, 0]
+
+
+def test_image_sink_is_vae_encoded_and_exact(tmp_path):
+    """--image: every DiT rank VAE-encodes the reference image into the sink; distributed == reference, and the
+    image really conditions the output (differs from the seeded sink)."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    img = tmp_path / "ref.png"
+    yy, xx = np.mgrid[0:48, 0:40]
+    iio.imwrite(img, np.stack([xx * 6, yy * 5, (xx + yy) * 3], axis=-1).astype(np.uint8))
+    lat = tmp_path / "lat.pt"
+    proc = run_torchrun(3, "infer_multigpu.py", "--num_gpus_dit", "2", "--sample_steps", "3", "--num_blocks", "2",
+                        *SMALL, "--image", str(img), "--save_latents", str(lat), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = dict(num_gpus_dit=2, sample_steps=3, num_blocks=2, size="64*64", frames_per_block=2, kv_cache_blocks=1,
+               base_seed=5)
+    with_image = reference_latents(image=str(img), **cfg)
+    assert torch.equal(load_latents(lat), with_image)
+    assert not torch.equal(with_image, reference_latents(**cfg))
