@@ -147,7 +147,7 @@ def _vae_rank(cfg: GenerationConfig, device, schedule: Schedule) -> RunResult:
     result = RunResult(partial=True, output=output)
     try:
         for block, latent in receive_blocks(cfg, block_shape(cfg), device, torch.float32, schedule, stats):
-            output.add(block, latent)
+            output.add(block, latent, latency=stats.latencies[-1] if stats.latencies else None)
         result.partial = False
     except Interrupted as e:
         say(f"interrupted ({e}) after {output.blocks} blocks: finalising outputs", rank)
@@ -170,7 +170,7 @@ def _vae_rank(cfg: GenerationConfig, device, schedule: Schedule) -> RunResult:
         timelines = {g["summary"]["rank"]: g["timeline"] for g in gathered}
     result.stats = build_stats(cfg, seconds, output, summaries, result.partial)
     if not result.partial:
-        result.stats["summary"] = summarize(result.stats, timelines, n)
+        result.stats["summary"] = summarize(result.stats, stats.latencies, stats.first_block_seconds)
     result.stats["timelines"] = timelines
     if cfg.stats_json:
         write_json_atomic({k: v for k, v in result.stats.items() if k != "timelines"}, cfg.stats_json)

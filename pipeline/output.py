@@ -48,9 +48,9 @@ class BlockOutput:
             self.bar = tqdm(total=total, unit="block", desc="blocks", dynamic_ncols=True)
         self._started = time.perf_counter()
 
-    def add(self, block: int, latent: torch.Tensor, frames=None) -> None:
+    def add(self, block: int, latent: torch.Tensor, frames=None, latency: float | None = None) -> None:
         """Block ``block`` (in order): keep its latent if asked, decode it (unless ``frames`` are given) and
-        append its frames to the mp4."""
+        append its frames to the mp4. ``latency``: the latest block latency, for the progress bar."""
         if block != self.blocks:
             raise RuntimeError(f"block {block} arrived out of order (expected {self.blocks})")
         if self.keep_latents:
@@ -64,7 +64,10 @@ class BlockOutput:
         self.block_times.append(time.perf_counter())
         if self.bar is not None:
             elapsed = max(time.perf_counter() - self._started, 1e-9)
-            self.bar.set_postfix_str(f"{self.video_frames / elapsed:.1f} frames/s" if self.writer else "latents only")
+            shown = [f"{self.video_frames / elapsed:.1f} frames/s" if self.writer else "latents only"]
+            if latency is not None:
+                shown.append(f"latency {latency * 1000:.0f} ms")
+            self.bar.set_postfix_str(", ".join(shown))
             self.bar.update(1)
 
     def all_latents(self) -> torch.Tensor | None:

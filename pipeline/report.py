@@ -1,8 +1,8 @@
 """The end-of-run summary: per rank busy/wait share and bytes sent, overall throughput and latency.
 
 Latency of a block = from the start of its first step (on DiT rank 0) until the VAE rank has it (decoded and
-written, when decoding). All times are seconds since the post-setup barrier on each rank, which every rank
-leaves together, so they compare across ranks without synchronised clocks.
+written, when decoding). Times are seconds since the post-setup barrier on each rank, which every rank leaves
+together, so they compare across ranks without synchronised clocks.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def summarize(stats: dict, timelines: dict, vae_rank: int) -> dict:
-    """Figures derived from ``stats`` (as written to --stats_json) and the per-rank timelines."""
+def summarize(stats: dict, latencies, first_block_seconds: float | None) -> dict:
+    """Figures derived from ``stats`` (as written to --stats_json) and the VAE rank's block latencies (the
+    most recent 10,000 blocks; each block carries its start time through the ring)."""
     seconds = stats["generation_seconds"] or 0.0
-    starts = {row[1]: row[4] for row in timelines.get(0, []) if row[0] == "compute" and row[2] == 0}
-    done = {row[1]: row[5] for row in timelines.get(vae_rank, []) if row[0] == "decode"}
-    latencies = [done[b] - starts[b] for b in done if b in starts]
+    latencies = list(latencies)
     ranks = []
     for r in stats["ranks"]:
         ranks.append({
@@ -34,7 +33,7 @@ def summarize(stats: dict, timelines: dict, vae_rank: int) -> dict:
     return {
         "blocks_per_second": stats["blocks_per_second"],
         "frames_per_second": stats["video_frames"] / seconds if seconds else 0.0,
-        "time_to_first_block_seconds": done.get(0),
+        "time_to_first_block_seconds": first_block_seconds,
         "block_latency_p50_seconds": _percentile(latencies, 0.50),
         "block_latency_p95_seconds": _percentile(latencies, 0.95),
         "ranks": ranks,

@@ -7,6 +7,7 @@ finalised). Every blocking wait is bounded by ``--comm_timeout`` and names what 
 
 from __future__ import annotations
 
+import math
 import queue
 import resource
 import threading
@@ -72,6 +73,8 @@ class RankStats:
     timeline: list = field(default_factory=list)
     timeline_cap: int = 50_000  # ~5 MB; keeps memory flat on endless streams
     generation_seconds: float = 0.0  # VAE rank: barrier -> last block handled
+    first_block_seconds: float | None = None  # VAE rank: barrier -> block 0 handled
+    latencies: deque = field(default_factory=lambda: deque(maxlen=10_000))  # VAE rank: recent block latencies
 
     def record(self, a: Action, start: float, end: float, t0: float) -> None:
         if len(self.timeline) < self.timeline_cap:
@@ -98,7 +101,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class Comm:
-    """Point-to-point latents with bounded waits. A message to oneself (N = 1) is handed over locally."""
+    """Point-to-point latents with bounded waits. A message to oneself (N = 1) is handed over locally.
+
+    Each message is the flattened latent plus one trailing float: the block's start time (seconds since the
+    post-setup barrier, which all ranks leave together), carried hop to hop so the VAE rank knows each block's
+    latency while it runs. The latent values travel unchanged."""
 
     def __init__(self, rank: int, timeout: float, stats: RankStats):
         self.rank, self.timeout, self.stats = rank, timeout, stats
@@ -107,24 +114,25 @@ class Comm:
 
     def post_recv(self, a: Action, shape, device, dtype) -> tuple:
         if a.peer == self.rank:
-            return (a, None, None)
-        buf = torch.empty(shape, device=device, dtype=dtype)
-        return (a, buf, dist.irecv(buf, src=a.peer))
+            return (a, None, None, shape)
+        buf = torch.empty(math.prod(shape) + 1, device=device, dtype=dtype)
+        return (a, buf, dist.irecv(buf, src=a.peer), shape)
 
-    def wait_recv(self, pending: tuple, waiting_for: str) -> torch.Tensor:
-        a, buf, work = pending
+    def wait_recv(self, pending: tuple, waiting_for: str) -> tuple[torch.Tensor, float]:
+        """``(latent, block start time)``."""
+        a, buf, work, shape = pending
         if work is None:
             return self._local.pop((a.block, a.step))
         self._wait(work, f"the latent of block {a.block} after step {a.step} from rank {a.peer} ({waiting_for})")
-        return buf
+        return buf[:-1].view(shape), float(buf[-1])
 
-    def isend(self, a: Action, tensor: torch.Tensor) -> None:
+    def isend(self, a: Action, tensor: torch.Tensor, started: float = 0.0) -> None:
         if a.peer == self.rank:
-            self._local[(a.block, a.step)] = tensor
+            self._local[(a.block, a.step)] = (tensor, started)
             return
-        tensor = tensor.contiguous()
-        self._sends.append((a, tensor, dist.isend(tensor, dst=a.peer)))
-        self.stats.bytes_latent += _nbytes(tensor)
+        message = torch.cat([tensor.reshape(-1), tensor.new_tensor([started])])
+        self._sends.append((a, message, dist.isend(message, dst=a.peer)))
+        self.stats.bytes_latent += _nbytes(message)
         # Reap old sends (they are from earlier in the list, so their receivers have posted by now).
         while len(self._sends) > 8:
             self._reap()
@@ -170,13 +178,14 @@ class DitRank:
             stats.bytes_kv += kv_sync.broadcast_conditioning(replica, schedule.sync_group[0], kv_group,
                                                              cfg.comm_timeout)
         self.recvs: dict[tuple[int, int], tuple] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}  # latent, block start time
+        self.t0 = time.perf_counter()
         self.new_sink: torch.Tensor | None = None  # rolling sink, once received
 
     def run(self) -> None:
         """Wait until every rank is set up, then follow ``schedule.actions(rank)``."""
         _barrier(self.cfg)
-        t0 = time.perf_counter()
+        self.t0 = t0 = time.perf_counter()
         for a in self.schedule.actions(self.rank):
             start = time.perf_counter()
             try:
@@ -196,22 +205,22 @@ class DitRank:
             self.recvs[(a.block, a.step)] = self.comm.post_recv(a, shape, comps.device, comps.dit.dtype)
         elif a.kind == "refresh":
             if self.new_sink is None:
-                self.new_sink = self.comm.wait_recv(self.recvs.pop((0, SINK)), "the rolling sink frame")
+                self.new_sink, _ = self.comm.wait_recv(self.recvs.pop((0, SINK)), "the rolling sink frame")
             begin = time.perf_counter()
             comps.refresh_sink(self.caches[a.step], self.new_sink)
             stats.busy_seconds += time.perf_counter() - begin
         elif a.kind == "compute":
             maybe_fail(self.rank, a.block, a.step)
             if a.step == 0:
-                x = comps.noise(a.block)
+                x, started = comps.noise(a.block), time.perf_counter() - self.t0
             else:
-                x = self.comm.wait_recv(self.recvs.pop((a.block, a.step - 1)), f"to run step {a.step}")
+                x, started = self.comm.wait_recv(self.recvs.pop((a.block, a.step - 1)), f"to run step {a.step}")
             begin = time.perf_counter()
             x = comps.denoise_step(self.caches[self.cache_of_step[a.step]], a.block, a.step, x)
             stats.busy_seconds += time.perf_counter() - begin
-            self.outputs[(a.block, a.step)] = x
+            self.outputs[(a.block, a.step)] = (x, started)
         elif a.kind == "send":
-            self.comm.isend(a, self.outputs.pop((a.block, a.step)))
+            self.comm.isend(a, *self.outputs.pop((a.block, a.step)))
         elif a.kind == "sync":
             cache = self.caches[kv_sync.cache_key(self.cfg.kv_sync, a.step, self.cfg.num_gpus_dit)]
             begin = time.perf_counter()
@@ -250,11 +259,11 @@ def receive_blocks(cfg: GenerationConfig, shape, device, dtype, schedule: Schedu
                 elif a.kind == "send" and a.step == SINK:
                     comm.isend(a, sink)  # rolling sink to DiT rank a.peer
                 elif a.kind == "decode":
-                    latent = comm.wait_recv(pending.pop(a.block), "to decode it")
+                    latent, started = comm.wait_recv(pending.pop(a.block), "to decode it")
                     if a.block == 0:
                         sink = latent[:, -1:].contiguous()  # block 0's last latent frame
                     stats.record(Action("recv", a.block, a.step, a.peer), start, time.perf_counter(), t0)
-                    arrivals.put((a.block, latent))
+                    arrivals.put((a.block, latent, started))
             comm.flush()
         except BaseException as e:  # handed to the main thread, which reports it
             arrivals.put(e)
@@ -275,7 +284,7 @@ def receive_blocks(cfg: GenerationConfig, shape, device, dtype, schedule: Schedu
             break
         if isinstance(item, BaseException):
             raise item
-        block, latent = item
+        block, latent, started = item
         maybe_fail(rank, block)
         start = time.perf_counter()
         yield block, latent
@@ -283,6 +292,9 @@ def receive_blocks(cfg: GenerationConfig, shape, device, dtype, schedule: Schedu
         stats.busy_seconds += end - start
         stats.record(Action("decode", block, cfg.sample_steps - 1), start, end, t0)
         stats.generation_seconds = end - t0
+        stats.latencies.append(end - t0 - started)  # first step started -> block handled (written)
+        if block == 0:
+            stats.first_block_seconds = end - t0
 
 
 def _barrier(cfg: GenerationConfig) -> None:

@@ -36,7 +36,7 @@ def test_mp4_stats_trace_and_recorded_order(tmp_path):
     for r in s["ranks"]:
         assert set(r) >= {"busy_seconds", "wait_seconds", "bytes_sent", "peak_rss_bytes"}
         assert r["peak_rss_bytes"] > 0
-    latent_bytes = 4 * 2 * 8 * 8 * 4  # one block [C, F, h, w] float32
+    latent_bytes = (4 * 2 * 8 * 8 + 1) * 4  # one block [C, F, h, w] float32 + its start-time stamp
     # each block makes 4 hops (s0->r1, s1->r0, s2->r1, s3->VAE); rank 0 sends steps 0 and 2, rank 1 steps 1 and 3
     assert [r["bytes_sent"]["latent"] for r in s["ranks"]] == [2 * 4 * latent_bytes, 2 * 4 * latent_bytes, 0]
     assert all(r["bytes_sent"]["kv"] == 0 for r in s["ranks"])  # per_step moves no KV
