@@ -114,11 +114,11 @@ def finish_dit_rank(cfg: GenerationConfig, device, schedule: Schedule, kv_group)
     rank = dist.get_rank()
     stats = RankStats(rank, "dit")
     try:
-        try:
-            comps = load_components(cfg, device)
-        except Exception as e:  # a checkpoint that will not load, out of memory, ...
+        try:  # models, caches, prefill, the one-time conditioning sync
+            runner = DitRank(rank, cfg, load_components(cfg, device), schedule, kv_group, stats)
+        except Exception as e:  # a checkpoint that will not load, out of memory, a peer gone during setup...
             raise RankFailure(f"rank {rank} failed during setup: {type(e).__name__}: {e}") from e
-        DitRank(rank, cfg, comps, schedule, kv_group, stats).run()
+        runner.run()
     except (CommTimeout, RankFailure) as e:
         error(str(e), rank)
         log.debug("details", exc_info=True)
