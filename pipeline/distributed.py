@@ -66,6 +66,29 @@ def _destroy_if_initialized() -> None:
         dist.destroy_process_group()
 
 
+def wake_local_peers() -> None:
+    """Before a rank exits because a peer stopped answering: SIGCONT the other workers of this torchrun agent.
+
+    torchrun answers a failed worker by sending SIGTERM to the rest and SIGKILL 30 s later (on this path it
+    ignores --shutdown-timeout). A *stopped* process (SIGSTOP, a frozen container) cannot act on the SIGTERM
+    until it is continued, so it would hold the whole job those 30 s. Continuing it lets the SIGTERM end it at
+    once; for a running process SIGCONT does nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    me, parent = os.getpid(), os.getppid()
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            siblings = [int(pid) for pid in f.read().split()]
+    except OSError:
+        return
+    for pid in siblings:
+        if pid != me:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
+
+
 def write_json_atomic(obj, path: str) -> None:
     import json
 
@@ -122,6 +145,8 @@ def finish_dit_rank(cfg: GenerationConfig, device, schedule: Schedule, kv_group)
     except (CommTimeout, RankFailure) as e:
         error(str(e), rank)
         log.debug("details", exc_info=True)
+        if isinstance(e, CommTimeout):
+            wake_local_peers()
         return RunResult(exit_code=1, partial=True)
     gather_stats(stats, schedule.vae_rank)
     return RunResult()
@@ -154,6 +179,7 @@ def _vae_rank(cfg: GenerationConfig, device, schedule: Schedule) -> RunResult:
         result.exit_code = e.exit_code
     except CommTimeout as e:
         error(str(e), rank)
+        wake_local_peers()
         result.exit_code = 1
     except Exception as e:  # a peer died mid-stream: keep what has arrived
         first = str(e).splitlines()[0] if str(e) else ""

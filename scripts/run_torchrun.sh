@@ -22,5 +22,8 @@ fi
 
 # One thread per rank unless told otherwise: ranks share the machine's cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$PYTHON" -m torch.distributed.run "${launch[@]}" infer_multigpu.py \
+# After a failure or Ctrl-C torchrun waits this long for ranks to exit before SIGKILL: enough for the VAE rank
+# to finalise the mp4, short enough that a frozen (stopped) rank does not hold the job for torchrun's default 30 s.
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-10}"
+exec "$PYTHON" -m torch.distributed.run "${launch[@]}" --shutdown-timeout="$SHUTDOWN_TIMEOUT" infer_multigpu.py \
   --num_gpus_dit "$NUM_GPUS_DIT" --sample_steps "$SAMPLE_STEPS" "$@"

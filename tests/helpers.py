@@ -30,7 +30,8 @@ def torchrun_cmd(nproc: int, script: str, *args: str, nnodes: int = 1, node_rank
         if node_rank is not None:
             cmd += [f"--node-rank={node_rank}"]
     target = ["-m", script[3:]] if script.startswith("-m ") else [str(ROOT / script)]
-    cmd += [f"--nproc_per_node={nproc}", "--monitor-interval=0.2", *target, *args]
+    # --shutdown-timeout as scripts/run_torchrun.sh sets it: a stopped rank is SIGKILLed 10 s after the failure
+    cmd += [f"--nproc_per_node={nproc}", "--monitor-interval=0.2", "--shutdown-timeout=10", *target, *args]
     return cmd
 
 

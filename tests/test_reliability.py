@@ -142,8 +142,9 @@ def test_rank_stalled_mid_stream(tmp_path):
                         timeout=180, extra_env={"TPP_FAULT": "rank=0,block=6,step=0,action=stall"})
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
-    # comm_timeout + torchrun's 30 s SIGTERM->SIGKILL grace for the stopped process + start-up and slack
-    assert elapsed < timeout + 30 + 40
+    # From launch, start-up included: the peer gives up after comm_timeout, continues the stopped process so it
+    # can act on torchrun's SIGTERM, and the job ends -- inside the comm_timeout + 30 s bound with room to spare.
+    assert elapsed < timeout + 30
     # Whoever gives up first names itself, the peer, the block and the step it waited for.
     assert re.search(rf"\[rank [12]\] error: rank [12] waited {timeout}s for the latent of block \d+ after step \d+ "
                      r"from rank [01]", proc.stderr), proc.stderr[-3000:]
