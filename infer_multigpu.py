@@ -41,8 +41,8 @@ def run_reference(cfg: GenerationConfig) -> int:
     partial, code, start = True, 0, time.perf_counter()
     try:
         for block in blocks:
+            output.add(block.index, block.latent, block.frames)  # a block computed is a block written
             StopRequest.check()
-            output.add(block.index, block.latent, block.frames)
         partial = False
     except Interrupted as e:
         code = e.exit_code
