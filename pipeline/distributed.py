@@ -4,6 +4,7 @@ call it for a whole sweep of configurations, amortising process start-up)."""
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import signal
@@ -90,8 +91,6 @@ def wake_local_peers() -> None:
 
 
 def write_json_atomic(obj, path: str) -> None:
-    import json
-
     tmp = path + ".part"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -108,8 +107,6 @@ class RunResult:
 
 
 def build_stats(cfg: GenerationConfig, seconds: float, output: BlockOutput, ranks: list, partial: bool) -> dict:
-    import json
-
     blocks = output.blocks
     return {
         "partial": partial,
