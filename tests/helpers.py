@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,20 @@ def env() -> dict:
 
 def run_torchrun(nproc: int, script: str, *args: str, timeout: float = 600, extra_env: dict | None = None,
                  **kw) -> subprocess.CompletedProcess:
+    """Run a torchrun world to completion. If it has not ended within ``timeout`` seconds, the whole process
+    group (torchrun and every rank, stopped ones included) is killed and ``TimeoutExpired`` raised: the test
+    fails instead of hanging."""
     e = env()
     e.update(extra_env or {})
-    return subprocess.run(torchrun_cmd(nproc, script, *args, **kw), cwd=ROOT, env=e, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.Popen(torchrun_cmd(nproc, script, *args, **kw), cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run_world(nproc: int, configs: list[dict], out_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -65,9 +65,8 @@ def invalid_runs(checkpoints):
     def launch(item):
         name, (nproc, extra, _) = item
         args = [a.replace("{ckpt}", str(checkpoints)) for a in SMALL + extra]
-        start = time.monotonic()
-        proc = run_torchrun(nproc, "infer_multigpu.py", *args, timeout=180)
-        return name, (proc, time.monotonic() - start)
+        # A rank waiting for a collective that never comes would run into this bound (TimeoutExpired).
+        return name, run_torchrun(nproc, "infer_multigpu.py", *args, timeout=120)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(pool.map(launch, CASES.items()))
@@ -76,13 +75,12 @@ def invalid_runs(checkpoints):
 @pytest.mark.parametrize("name", list(CASES))
 def test_invalid_input_one_line_per_rank(invalid_runs, name):
     nproc, _, fragment = CASES[name]
-    proc, seconds = invalid_runs[name]
+    proc = invalid_runs[name]
     assert proc.returncode != 0
     for rank in range(nproc):
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"[rank {rank}] error:")]
         assert len(lines) == 1 and fragment in lines[0], proc.stderr[-3000:]
     assert "]: Traceback" not in proc.stderr  # no worker traceback (torchrun's own summary may follow)
-    assert seconds < 120  # no rank waits for a collective that will never come
 
 
 def test_local_checkpoints_load_through_the_same_path(checkpoints, tmp_path):
@@ -116,12 +114,11 @@ STREAM = ["--num_gpus_dit", "2", "--sample_steps", "4", "--size", "64*64", "--fr
 
 
 def test_rank_killed_mid_stream(tmp_path):
-    start = time.monotonic()
+    # The job must end by itself: a hang would run into the subprocess bound (TimeoutExpired).
     proc = run_torchrun(3, "infer_multigpu.py", *STREAM, "--num_blocks", "40", "--output", str(tmp_path / "out.mp4"),
-                        "--stats_json", str(tmp_path / "stats.json"), timeout=180,
+                        "--stats_json", str(tmp_path / "stats.json"), timeout=90,
                         extra_env={"TPP_FAULT": "rank=1,block=8,step=1,action=exit"})
     assert proc.returncode != 0
-    assert time.monotonic() - start < 90
     assert "[rank 2]" in proc.stderr  # the VAE rank says what it kept
     assert _check_partial(tmp_path, proc.stderr) < 40
 
@@ -136,15 +133,13 @@ def test_rank_raising_reports_rank_and_action(tmp_path):
 def test_rank_stalled_mid_stream(tmp_path):
     """A SIGSTOPped rank never answers; its peers give up after --comm_timeout and the job ends."""
     timeout = 5
-    start = time.monotonic()
+    # The issue's bound, comm_timeout + 30 s, counted from launch (start-up included): a job that does not end
+    # by then fails with TimeoutExpired. The peer gives up after comm_timeout and continues the stopped
+    # process so it can act on torchrun's SIGTERM.
     proc = run_torchrun(3, "infer_multigpu.py", *STREAM, "--num_blocks", "40", "--comm_timeout", str(timeout),
                         "--output", str(tmp_path / "out.mp4"), "--stats_json", str(tmp_path / "stats.json"),
-                        timeout=180, extra_env={"TPP_FAULT": "rank=0,block=6,step=0,action=stall"})
-    elapsed = time.monotonic() - start
+                        timeout=timeout + 30, extra_env={"TPP_FAULT": "rank=0,block=6,step=0,action=stall"})
     assert proc.returncode != 0
-    # From launch, start-up included: the peer gives up after comm_timeout, continues the stopped process so it
-    # can act on torchrun's SIGTERM, and the job ends -- inside the comm_timeout + 30 s bound with room to spare.
-    assert elapsed < timeout + 30
     # Whoever gives up first names itself, the peer, the block and the step it waited for.
     assert re.search(rf"\[rank [12]\] error: rank [12] waited {timeout}s for the latent of block \d+ after step \d+ "
                      r"from rank [01]", proc.stderr), proc.stderr[-3000:]
