@@ -62,6 +62,3 @@ class KVCache:
 
     def nbytes_per_block(self) -> int:
         return self.block_view(0).numel() * self.data.element_size()
-
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()

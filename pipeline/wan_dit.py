@@ -13,7 +13,6 @@ Frame positions: the sink frame is position 0, block ``b`` covers ``1 + b*F .. 1
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -234,7 +233,3 @@ def seeded_sink_latent(seed: int, shape, device="cpu", dtype=torch.float32) -> t
     """Stand-in reference frame ``[C, 1, H, W]`` when no ``--image`` is given."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + 0x51AC) % (2**63))
     return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-
-def latent_shape(channels: int, frames: int, height: int, width: int, spatial_ratio: int) -> tuple[int, ...]:
-    return (channels, frames, math.ceil(height / spatial_ratio), math.ceil(width / spatial_ratio))

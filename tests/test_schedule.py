@@ -163,3 +163,16 @@ def test_simulator_detects_a_missing_refresh():
     lists[0] = [a for a in lists[0] if not (a.kind == "refresh" and a.step == 2)]
     res = simulate(lists, 2, 4, "per_step", sink_refresh_block=2)
     assert not res.ok and "old sink" in res.error
+
+
+def test_simulated_schedule_dumps_as_chrome_trace(tmp_path):
+    import json
+
+    from pipeline.trace import sim_timelines, write_chrome_trace
+
+    res = sim(Schedule(4, 8, 3, "per_step"))
+    path = tmp_path / "sim.json"
+    write_chrome_trace(sim_timelines(res, unit_seconds=0.05), str(path))
+    events = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X" and e["cat"] == "compute"]
+    assert len(events) == 8 * 3 and {e["tid"] for e in events} == {0, 1, 2, 3}
+    assert max(e["ts"] + e["dur"] for e in events) == pytest.approx(res.makespan * 0.05 * 1e6)
